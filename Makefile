@@ -1,0 +1,41 @@
+# har-ref: two commands for a newcomer: `make demo` and `make test` (both set up .venv first).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MODEL ?= siglip
+DATA ?= data/har
+WEIGHTS ?= weights/$(MODEL)
+OUT ?= runs/$(MODEL)
+ARGS ?=
+
+.PHONY: setup test demo train compare bench clean
+
+setup: $(STAMP)
+
+# torch/torchvision are pinned to the wheels this machine carries (pip takes them from local disk);
+# the project and its test extra (the upstream we prove parity against) come next.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(PY) -m har_ref demo --out runs/demo
+
+train: setup
+	$(PY) -m har_ref train --model $(MODEL) --weights $(WEIGHTS) --data $(DATA) --out $(OUT) $(ARGS)
+
+compare: setup
+	$(PY) -m har_ref compare runs/clip runs/siglip --out runs/compare
+
+bench: setup
+	$(PY) -m har_ref.bench --out bench.json
+
+clean:
+	rm -rf $(VENV) runs/demo .pytest_cache

@@ -1,0 +1,113 @@
+"""Model configuration: one dataclass per tower, one for the dual encoder.
+
+Every size, activation and epsilon lives here and is read from a checkpoint's
+`config.json`; nothing in vision.py / text.py is hard-coded to ViT-B.
+The two families differ only in the switches documented on each field.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 32
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    act: str = "quick_gelu"  # "quick_gelu" (CLIP) | "gelu_tanh" (HF SigLIP) | "gelu" (open_clip SigLIP)
+    ln_eps: float = 1e-5
+    pool: str = "cls"  # "cls": CLIP class token + ln_pre | "map": SigLIP attention-pooling head
+    patch_bias: bool = False  # SigLIP's patch conv has a bias, CLIP's does not
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_dim: int = 2048
+    act: str = "quick_gelu"
+    ln_eps: float = 1e-5
+    causal: bool = True  # CLIP: causal self-attention; SigLIP: bidirectional
+    pool: str = "eos"  # "eos": CLIP end-of-text token | "last": SigLIP last position
+    eos_token_id: int = 49407
+    # transformers keeps OpenAI's original rule when the config says eos_token_id == 2:
+    # the pooled position is argmax(input_ids), which works because <|endoftext|>
+    # has the largest id in the BPE vocabulary.
+    eos_by_argmax: bool = True
+    pad_token_id: int = 49407
+    proj_bias: bool = False  # SigLIP's text head is a Linear with bias
+
+
+@dataclass
+class ModelConfig:
+    family: str = "clip"  # "clip" | "siglip"
+    embed_dim: int = 512
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    logit_scale_init: float = math.log(1 / 0.07)  # CLIP paper init; SigLIP uses log(10)
+    logit_bias_init: float | None = None  # SigLIP: -10 (SigLIP paper, sec. 3.2)
+    # Image preprocessing, mirrored from the upstream image processors.
+    image_mean: tuple[float, float, float] = OPENAI_MEAN
+    image_std: tuple[float, float, float] = OPENAI_STD
+    resize: str = "shortest_edge"  # CLIP: shortest side + centre crop | "square": SigLIP direct resize
+
+    def __post_init__(self):
+        if self.family not in ("clip", "siglip"):
+            raise ValueError(f"config.json: family must be 'clip' or 'siglip', got {self.family!r}")
+        if isinstance(self.vision, dict):
+            self.vision = VisionConfig(**self.vision)
+        if isinstance(self.text, dict):
+            self.text = TextConfig(**self.text)
+        self.image_mean = tuple(self.image_mean)
+        self.image_std = tuple(self.image_std)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, directory: str | Path) -> None:
+        path = Path(directory) / "config.json"
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ModelConfig":
+        path = Path(directory) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found: a har_ref checkpoint directory needs config.json; "
+                "convert an upstream checkpoint with `python -m weights_conversion hf --src HF_DIR --out DIR`."
+            )
+        return cls(**json.loads(path.read_text()))
+
+
+def clip_vit_b32() -> ModelConfig:
+    """openai/clip-vit-base-patch32 (151 M parameters)."""
+    return ModelConfig()
+
+
+def siglip_base_patch16_224() -> ModelConfig:
+    """google/siglip-base-patch16-224 (203 M parameters)."""
+    return ModelConfig(
+        family="siglip",
+        embed_dim=768,
+        vision=VisionConfig(patch_size=16, act="gelu_tanh", ln_eps=1e-6, pool="map", patch_bias=True),
+        text=TextConfig(vocab_size=32000, context_length=64, width=768, heads=12, mlp_dim=3072,
+                        act="gelu_tanh", ln_eps=1e-6, causal=False, pool="last", eos_token_id=1,
+                        eos_by_argmax=False, pad_token_id=1, proj_bias=True),
+        logit_scale_init=math.log(10.0),
+        logit_bias_init=-10.0,
+        image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.5, 0.5, 0.5),
+        resize="square",
+    )

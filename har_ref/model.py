@@ -1,0 +1,100 @@
+"""DualEncoder: an image tower and a text tower scored by scaled cosine similarity.
+
+    CLIP   (Radford et al. 2021):  logits = exp(t) * cos(x_i, y_j)
+    SigLIP (Zhai et al. 2023):     logits = exp(t) * cos(x_i, y_j) + b
+
+`load_model(dir)` reads a converted checkpoint (config.json + model.safetensors);
+nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .text import TextTransformer
+from .vision import VisionTransformer
+
+
+class DualEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionTransformer(cfg.vision, cfg.embed_dim)
+        self.text = TextTransformer(cfg.text, cfg.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
+        if cfg.family == "siglip":
+            self.logit_bias = nn.Parameter(torch.tensor(float(cfg.logit_bias_init or 0.0)))
+        else:
+            self.logit_bias = None
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, D] projected, not normalized."""
+        return self.vision(pixel_values)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L] token ids -> [B, D] projected, not normalized."""
+        return self.text(input_ids, attention_mask)
+
+    def logits(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """logits_per_image [N_images, N_texts] from unnormalized embeddings."""
+        cos = F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T
+        logits = self.logit_scale.exp() * cos
+        return logits + self.logit_bias if self.logit_bias is not None else logits
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logits(self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask))
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        self.vision.transformer.grad_checkpointing = enabled
+        self.text.transformer.grad_checkpointing = enabled
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def save_model(model: DualEncoder, directory: str | Path) -> None:
+    """Write config.json and model.safetensors; the weights file is replaced atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.cfg.save(directory)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = directory / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "har_ref"})
+    os.replace(tmp, directory / "model.safetensors")
+
+
+def load_state(model: DualEncoder, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load with one readable message listing every missing, unexpected or mis-shaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = sorted(f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                    if k in tensors and tensors[k].shape != v.shape)
+    if missing or unexpected or shapes:
+        raise ValueError(f"{source} does not match config.json: missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]}, wrong shape {shapes[:8]}; "
+                         "re-convert the checkpoint with `python -m weights_conversion`.")
+    model.load_state_dict(tensors)
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> DualEncoder:
+    """Build the model described by DIR/config.json and load DIR/model.safetensors, in eval mode."""
+    directory = Path(directory)
+    cfg = ModelConfig.load(directory)
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: convert a checkpoint with "
+                                "`python -m weights_conversion hf --src HF_DIR --out DIR`.")
+    with torch.device("meta"):
+        model = DualEncoder(cfg)  # no point initializing weights that are about to be overwritten
+    model = model.to_empty(device="cpu")
+    load_state(model, load_file(str(weights)), str(weights))
+    return model.to(device=device, dtype=dtype).eval()

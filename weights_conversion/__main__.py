@@ -1,0 +1,44 @@
+"""python -m weights_conversion {hf,open_clip} --src ... --out DIR"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import ConversionError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m weights_conversion",
+                                     description="Convert upstream CLIP/SigLIP checkpoints to har_ref's format.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    hf = sub.add_parser("hf", help="a transformers CLIPModel/SiglipModel directory (save_pretrained or hub)",
+                        description="Convert a directory written by CLIPModel/SiglipModel.save_pretrained "
+                                    "(or downloaded from the hub) into DIR/config.json + DIR/model.safetensors "
+                                    "+ tokenizer files.")
+    hf.add_argument("--src", required=True, help="transformers checkpoint directory")
+    hf.add_argument("--out", required=True, help="output har_ref checkpoint directory")
+    oc = sub.add_parser("open_clip", help="an open_clip / OpenAI state dict file",
+                        description="Convert an open_clip or OpenAI state dict (safetensors, or a plain "
+                                    "state dict read with weights_only=True) into a har_ref checkpoint.")
+    oc.add_argument("--src", required=True, help="state dict file (.safetensors, .bin, .pt)")
+    oc.add_argument("--arch", required=True, choices=["ViT-B-32"], help="open_clip architecture name")
+    oc.add_argument("--out", required=True, help="output har_ref checkpoint directory")
+    oc.add_argument("--bpe", default=None,
+                    help="CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) to write vocab.json/merges.txt from")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "hf":
+            from .hf import convert_hf
+            out = convert_hf(args.src, args.out)
+        else:
+            from .open_clip import convert_open_clip
+            out = convert_open_clip(args.src, args.arch, args.out, bpe=args.bpe)
+    except (ConversionError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}/config.json and {out}/model.safetensors")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""transformers CLIPModel / SiglipModel checkpoint directory -> har_ref checkpoint directory.
+
+Input: what `save_pretrained` writes or the hub serves (config.json, model.safetensors or
+pytorch_model.bin, tokenizer and preprocessor files). Output: har_ref's config.json,
+model.safetensors in har_ref key names (float32), and the tokenizer files copied over.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from har_ref.config import OPENAI_MEAN, OPENAI_STD, ModelConfig, TextConfig, VisionConfig
+
+from .common import ConversionError, KeyMapper, read_state_dict, write_checkpoint
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "spiece.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json")
+HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+# transformers' defaults, used when an older config.json leaves a field out.
+CLIP_DEFAULTS = dict(
+    text=dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+              num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
+              layer_norm_eps=1e-5, eos_token_id=2, pad_token_id=1),
+    vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5))
+SIGLIP_DEFAULTS = dict(
+    text=dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+              num_attention_heads=12, max_position_embeddings=64, hidden_act="gelu_pytorch_tanh",
+              layer_norm_eps=1e-6, eos_token_id=1, pad_token_id=1),
+    vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6))
+
+
+def _activation(name: str) -> str:
+    if name not in HF_ACTIVATIONS:
+        raise ConversionError(f"config.json: hidden_act {name!r} is not supported; har_ref knows {sorted(HF_ACTIVATIONS)}.")
+    return HF_ACTIVATIONS[name]
+
+
+def convert_config(hf: dict, preprocessor: dict | None) -> ModelConfig:
+    family = hf.get("model_type")
+    if family not in ("clip", "siglip"):
+        raise ConversionError(f"config.json: model_type {family!r} is neither 'clip' nor 'siglip'; "
+                              "pass the directory of a CLIPModel or SiglipModel checkpoint.")
+    defaults = CLIP_DEFAULTS if family == "clip" else SIGLIP_DEFAULTS
+    t = {**defaults["text"], **hf.get("text_config", {})}
+    v = {**defaults["vision"], **hf.get("vision_config", {})}
+    if family == "siglip" and not v.get("vision_use_head", True):
+        raise ConversionError("config.json: vision_use_head is false; har_ref's SigLIP needs the MAP head.")
+    clip = family == "clip"
+    text_width = t["hidden_size"]
+    embed_dim = hf.get("projection_dim", 512) if clip else t.get("projection_size", text_width)
+    text = TextConfig(
+        vocab_size=t["vocab_size"], context_length=t["max_position_embeddings"], width=text_width,
+        layers=t["num_hidden_layers"], heads=t["num_attention_heads"], mlp_dim=t["intermediate_size"],
+        act=_activation(t["hidden_act"]), ln_eps=t["layer_norm_eps"], causal=clip,
+        pool="eos" if clip else "last", eos_token_id=t["eos_token_id"],
+        eos_by_argmax=clip and t["eos_token_id"] == 2,  # transformers' legacy rule, see text.py
+        pad_token_id=t["pad_token_id"], proj_bias=not clip)
+    vision = VisionConfig(
+        image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"],
+        layers=v["num_hidden_layers"], heads=v["num_attention_heads"], mlp_dim=v["intermediate_size"],
+        act=_activation(v["hidden_act"]), ln_eps=v["layer_norm_eps"], pool="cls" if clip else "map",
+        patch_bias=not clip)
+    pre = preprocessor or {}
+    return ModelConfig(
+        family=family, embed_dim=embed_dim, vision=vision, text=text,
+        logit_scale_init=hf.get("logit_scale_init_value", 2.6592) if clip else 2.302585092994046,
+        logit_bias_init=None if clip else -10.0,
+        image_mean=tuple(pre.get("image_mean", OPENAI_MEAN if clip else (0.5, 0.5, 0.5))),
+        image_std=tuple(pre.get("image_std", OPENAI_STD if clip else (0.5, 0.5, 0.5))),
+        resize="shortest_edge" if clip else "square")
+
+
+def _map_encoder(m: KeyMapper, src: str, dst: str, layers: int) -> None:
+    for i in range(layers):
+        s, d = f"{src}.encoder.layers.{i}", f"{dst}.transformer.blocks.{i}"
+        for p in ("weight", "bias"):
+            m.put(f"{d}.attn.qkv.{p}", torch.cat([m.take(f"{s}.self_attn.{n}_proj.{p}") for n in "qkv"]))
+            m.put(f"{d}.attn.out.{p}", m.take(f"{s}.self_attn.out_proj.{p}"))
+            m.put(f"{d}.ln1.{p}", m.take(f"{s}.layer_norm1.{p}"))
+            m.put(f"{d}.ln2.{p}", m.take(f"{s}.layer_norm2.{p}"))
+            m.put(f"{d}.mlp.fc1.{p}", m.take(f"{s}.mlp.fc1.{p}"))
+            m.put(f"{d}.mlp.fc2.{p}", m.take(f"{s}.mlp.fc2.{p}"))
+
+
+def _map_layernorm(m: KeyMapper, src: str, dst: str) -> None:
+    for p in ("weight", "bias"):
+        m.put(f"{dst}.{p}", m.take(f"{src}.{p}"))
+
+
+def convert_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    # Older checkpoints store position_ids buffers; they are arange() and not weights.
+    m = KeyMapper(sd, ignore=("embeddings.position_ids",))
+    clip = cfg.family == "clip"
+    # text tower
+    m.put("text.token_embed.weight", m.take("text_model.embeddings.token_embedding.weight"))
+    m.put("text.pos_embed", m.take("text_model.embeddings.position_embedding.weight"))
+    _map_encoder(m, "text_model", "text", cfg.text.layers)
+    _map_layernorm(m, "text_model.final_layer_norm", "text.ln_final")
+    if clip:
+        m.put("text.proj.weight", m.take("text_projection.weight"))
+    else:
+        m.put("text.proj.weight", m.take("text_model.head.weight"))
+        m.put("text.proj.bias", m.take("text_model.head.bias"))
+    # vision tower
+    m.put("vision.patch_embed.weight", m.take("vision_model.embeddings.patch_embedding.weight"))
+    m.put("vision.pos_embed", m.take("vision_model.embeddings.position_embedding.weight"))
+    _map_encoder(m, "vision_model", "vision", cfg.vision.layers)
+    _map_layernorm(m, "vision_model.post_layernorm", "vision.ln_post")
+    if clip:
+        m.put("vision.class_token", m.take("vision_model.embeddings.class_embedding"))
+        _map_layernorm(m, "vision_model.pre_layrnorm", "vision.ln_pre")  # sic: upstream's spelling
+        m.put("vision.proj.weight", m.take("visual_projection.weight"))
+        m.put("logit_scale", m.take("logit_scale").reshape(()))
+    else:
+        h = "vision_model.head"
+        m.put("vision.patch_embed.bias", m.take("vision_model.embeddings.patch_embedding.bias"))
+        m.put("vision.head.probe", m.take(f"{h}.probe"))
+        m.put("vision.head.in_proj_weight", m.take(f"{h}.attention.in_proj_weight"))
+        m.put("vision.head.in_proj_bias", m.take(f"{h}.attention.in_proj_bias"))
+        for p in ("weight", "bias"):
+            m.put(f"vision.head.out_proj.{p}", m.take(f"{h}.attention.out_proj.{p}"))
+            m.put(f"vision.head.mlp.fc1.{p}", m.take(f"{h}.mlp.fc1.{p}"))
+            m.put(f"vision.head.mlp.fc2.{p}", m.take(f"{h}.mlp.fc2.{p}"))
+        _map_layernorm(m, f"{h}.layernorm", "vision.head.ln")
+        m.put("logit_scale", m.take("logit_scale").reshape(()))  # [1] upstream, a scalar here
+        m.put("logit_bias", m.take("logit_bias").reshape(()))
+    return m.finish(cfg)
+
+
+def find_weights(src: Path) -> Path:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (src / name).is_file():
+            return src / name
+    if any(src.glob("model-*.safetensors")) or (src / "model.safetensors.index.json").exists():
+        raise ConversionError(f"{src} holds a sharded checkpoint; re-save it with "
+                              "save_pretrained(..., max_shard_size='2GB') into one file.")
+    raise ConversionError(f"{src} has no model.safetensors or pytorch_model.bin; pass the directory "
+                          "written by CLIPModel/SiglipModel.save_pretrained or downloaded from the hub.")
+
+
+def convert_hf(src: str | Path, out: str | Path) -> Path:
+    src = Path(src)
+    if not (src / "config.json").is_file():
+        raise ConversionError(f"{src}/config.json not found; --src must be a transformers checkpoint directory.")
+    hf_config = json.loads((src / "config.json").read_text())
+    pre_path = src / "preprocessor_config.json"
+    preprocessor = json.loads(pre_path.read_text()) if pre_path.is_file() else None
+    cfg = convert_config(hf_config, preprocessor)
+    tensors = convert_state_dict(read_state_dict(find_weights(src)), cfg)
+    extra = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
+    return write_checkpoint(cfg, tensors, out, extra)
