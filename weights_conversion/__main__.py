@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
                         description="Convert an open_clip or OpenAI state dict (safetensors, or a plain "
                                     "state dict read with weights_only=True) into a har_ref checkpoint.")
     oc.add_argument("--src", required=True, help="state dict file (.safetensors, .bin, .pt)")
-    oc.add_argument("--arch", required=True, choices=["ViT-B-32"], help="open_clip architecture name")
+    oc.add_argument("--arch", required=True, choices=["ViT-B-32", "ViT-B-32-quickgelu", "ViT-B-16-SigLIP"],
+                    help="open_clip architecture name")
     oc.add_argument("--out", required=True, help="output har_ref checkpoint directory")
     oc.add_argument("--bpe", default=None,
                     help="CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) to write vocab.json/merges.txt from")

@@ -44,6 +44,11 @@ def split_qkv(weight: torch.Tensor) -> list[torch.Tensor]:
     return list(weight.chunk(3, dim=0))
 
 
+def _listing(keys: list[str], shown: int = 12) -> str:
+    more = f" (and {len(keys) - shown} more)" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
+
+
 class KeyMapper:
     """Collects target tensors while recording which source keys were consumed."""
 
@@ -78,7 +83,7 @@ class KeyMapper:
         extra = sorted(set(self.target) - set(expected))
         shapes = sorted(f"{k}: {tuple(v.shape)} vs expected {tuple(expected[k].shape)}"
                         for k, v in self.target.items() if k in expected and v.shape != expected[k].shape)
-        problems = [f"{name}: {', '.join(keys)}" for name, keys in (
+        problems = [f"{name}: {_listing(keys)}" for name, keys in (
             ("missing in source", self.missing_source), ("unused source tensors", unused),
             ("har_ref tensors not filled", unfilled), ("unknown har_ref tensors", extra),
             ("wrong shapes", shapes), ("used twice", sorted(set(self.duplicates)))) if keys]

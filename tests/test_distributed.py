@@ -1,0 +1,119 @@
+"""DDP on 2 CPU processes (gloo): gathered-candidate losses give the single-process gradient."""
+import socket
+
+import torch
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from har_ref import distributed
+from har_ref.losses import balanced_pos_weight, clip_loss, siglip_loss
+
+WORLD, N, IN_DIM, DIM = 2, 8, 5, 3  # 8 pairs split 4 + 4
+LABELS = torch.tensor([0, 1, 0, 2, 1, 1, 2, 0])  # positives inside each shard and across shards
+
+
+class Towers(torch.nn.Module):
+    """Two linear 'encoders' and the temperature (and SigLIP bias) the losses learn."""
+
+    def __init__(self, with_bias: bool):
+        super().__init__()
+        torch.manual_seed(0)  # same initial weights on every rank, as after DDP's broadcast
+        self.image = torch.nn.Linear(IN_DIM, DIM, dtype=torch.float64)
+        self.text = torch.nn.Linear(IN_DIM, DIM, dtype=torch.float64)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(1.2, dtype=torch.float64))
+        self.logit_bias = torch.nn.Parameter(torch.tensor(-0.5, dtype=torch.float64)) if with_bias else None
+
+    def forward(self, image_inputs, text_inputs):
+        return self.image(image_inputs), self.text(text_inputs)
+
+
+def full_batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(N, IN_DIM, generator=g, dtype=torch.float64), torch.randn(N, IN_DIM, generator=g,
+                                                                                    dtype=torch.float64)
+
+
+CASES = {  # name: (loss family, labels, pos_weight)
+    "clip-diagonal": ("clip", None, None),
+    "clip-classes": ("clip", LABELS, None),
+    "siglip-diagonal": ("siglip", None, None),
+    "siglip-classes-weighted": ("siglip", LABELS, balanced_pos_weight(LABELS)),
+}
+
+
+def compute_loss(model, family, image, text, labels, pos_weight, *memory):
+    if family == "clip":
+        return clip_loss(image, text, model.logit_scale, labels, *memory)
+    return siglip_loss(image, text, model.logit_scale, model.logit_bias, labels, pos_weight, *memory)
+
+
+def worker(rank, port, out_dir):
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    distributed.setup_distributed()
+    assert distributed.is_distributed() and distributed.world_size() == WORLD and distributed.rank() == rank
+    assert distributed.is_main_process() == (rank == 0)
+    image_inputs, text_inputs = full_batch()
+    shard = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
+    results = {}
+    for name, (family, labels, pos_weight) in CASES.items():
+        model = Towers(with_bias=family == "siglip")
+        ddp = DistributedDataParallel(model)
+        image, text = ddp(image_inputs[shard], text_inputs[shard])
+        image.retain_grad(), text.retain_grad()
+        local_labels = None if labels is None else labels[shard]
+        # Local anchors vs all candidates: the other ranks' rows are extra candidates (with gradient).
+        others = (distributed.gather_from_other_ranks(image), distributed.gather_from_other_ranks(text),
+                  None if labels is None else distributed.gather_from_other_ranks(local_labels))
+        assert torch.equal(distributed.gather_with_grad(image).detach(),
+                           torch.cat([model.image(image_inputs[:N // 2]), model.image(image_inputs[N // 2:])]).detach())
+        loss = compute_loss(model, family, image, text, local_labels, pos_weight, *others)
+        loss.backward()  # DDP all-reduces (averages) the parameter gradients here
+        results[name] = {"params": {k: p.grad.clone() for k, p in model.named_parameters()},
+                         "image": image.grad.clone(), "text": text.grad.clone()}
+    torch.save(results, out_dir / f"rank{rank}.pt")
+    distributed.cleanup()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gradients_equal_single_process_full_batch(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # gloo on CPU even where a GPU exists
+    mp.spawn(worker, args=(free_port(), tmp_path), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+    image_inputs, text_inputs = full_batch()
+    for name, (family, labels, pos_weight) in CASES.items():
+        model = Towers(with_bias=family == "siglip")
+        image, text = model(image_inputs, text_inputs)
+        image.retain_grad(), text.retain_grad()
+        compute_loss(model, family, image, text, labels, pos_weight).backward()
+        for r, result in enumerate(ranks):
+            for param_name, param in model.named_parameters():  # DDP-averaged == single process
+                torch.testing.assert_close(result[name]["params"][param_name], param.grad, rtol=0, atol=1e-6,
+                                           msg=lambda m: f"{name} rank {r} {param_name}: {m}")
+            # Per rank the loss is a mean over N/W anchors, i.e. W * (its share of the full loss),
+            # so an embedding's gradient is W times its single-process gradient (DDP then divides by W).
+            shard = slice(r * N // WORLD, (r + 1) * N // WORLD)
+            torch.testing.assert_close(result[name]["image"], WORLD * image.grad[shard], rtol=0, atol=1e-6)
+            torch.testing.assert_close(result[name]["text"], WORLD * text.grad[shard], rtol=0, atol=1e-6)
+
+
+def test_single_process_helpers_are_identity(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    device = distributed.setup_distributed()
+    assert not distributed.is_distributed()
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main_process()) == (0, 1, True)
+    assert device == (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    x = torch.randn(4, 3, requires_grad=True)
+    assert distributed.gather_with_grad(x) is x
+    assert distributed.gather_from_other_ranks(x).shape == (0, 3)
+    distributed.cleanup()  # no-op

@@ -1,0 +1,268 @@
+"""Losses: gradcheck, a per-pair python reference, and parity with open_clip and transformers."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from har_ref.losses import (balanced_pos_weight, clamp_logit_scale_, clip_loss, positive_mask,
+                            siglip_loss)
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors: handing work to a second thread costs ~40x the math on a busy 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+B, M, D = 6, 5, 4
+LABELS = torch.tensor([0, 2, 0, 1, 2, 0])  # repeated classes: several positives per row
+MEMORY_LABELS = torch.tensor([1, 0, 3, 2, 0])  # class 3 has no batch row
+
+
+def make_inputs(seed: int = 0, memory: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    tensors = dict(
+        image=torch.randn(B, D, generator=g, dtype=torch.float64),
+        text=torch.randn(B, D, generator=g, dtype=torch.float64),
+        scale=torch.tensor(1.3, dtype=torch.float64),
+        bias=torch.tensor(-0.7, dtype=torch.float64),
+    )
+    if memory:
+        tensors["memory_image"] = torch.randn(M, D, generator=g, dtype=torch.float64)
+        tensors["memory_text"] = torch.randn(M, D, generator=g, dtype=torch.float64)
+    return tensors
+
+
+# --- per-pair python reference (the definitions written out one pair at a time) ---------------
+
+def cosine(a, b):
+    return (a @ b) / (a.norm() * b.norm())
+
+
+def reference_pairs(anchors, batch_candidates, memory_candidates, labels, memory_labels):
+    """Yield (i, [(logit-free cosine, is_positive) for every candidate]) for each anchor row."""
+    n = anchors.shape[0]
+    anchor_labels = list(range(n)) if labels is None else labels.tolist()
+    candidates = list(batch_candidates) + ([] if memory_candidates is None else list(memory_candidates))
+    if labels is None:  # diagonal positives; memory rows never match
+        candidate_labels = list(range(n)) + [-1] * (len(candidates) - n)
+    else:
+        candidate_labels = labels.tolist() + ([] if memory_labels is None else memory_labels.tolist())
+    for i in range(n):
+        yield [(cosine(anchors[i], c), anchor_labels[i] == cl) for c, cl in zip(candidates, candidate_labels)]
+
+
+def naive_clip_loss(image, text, scale, labels=None, memory_image=None, memory_text=None, memory_labels=None):
+    directions = [(image, text, memory_text), (text, image, memory_image)]
+    total = 0.0
+    for anchors, candidates, memory in directions:
+        direction_loss = 0.0
+        for row in reference_pairs(anchors, candidates, memory, labels, memory_labels):
+            logits = [scale.exp() * cos for cos, _ in row]
+            log_normalizer = torch.logsumexp(torch.stack(logits), dim=0)
+            positives = [logit for logit, (_, positive) in zip(logits, row) if positive]
+            direction_loss += -sum(p - log_normalizer for p in positives) / len(positives)
+        total += direction_loss / anchors.shape[0]
+    return total / 2
+
+
+def naive_siglip_loss(image, text, scale, bias, labels=None, pos_weight=None,
+                      memory_image=None, memory_text=None, memory_labels=None):
+    directions = [(image, text, memory_text), (text, image, memory_image)]
+    total = 0.0
+    for anchors, candidates, memory in directions:
+        direction_loss = 0.0
+        for row in reference_pairs(anchors, candidates, memory, labels, memory_labels):
+            for cos, positive in row:
+                logit = scale.exp() * cos + bias
+                z, weight = (1.0, pos_weight or 1.0) if positive else (-1.0, 1.0)
+                direction_loss += -weight * F.logsigmoid(z * logit)
+        total += direction_loss / anchors.shape[0]
+    return total / 2
+
+
+# --- exact values against the reference ----------------------------------------------------
+
+@pytest.mark.parametrize("labels", [None, LABELS], ids=["diagonal", "classes"])
+@pytest.mark.parametrize("memory", [False, True], ids=["batch", "memory"])
+def test_clip_loss_matches_per_pair_reference(labels, memory):
+    x = make_inputs(memory=memory)
+    memory_labels = MEMORY_LABELS if (memory and labels is not None) else None
+    kwargs = dict(memory_image=x.get("memory_image"), memory_text=x.get("memory_text"), memory_labels=memory_labels)
+    got = clip_loss(x["image"], x["text"], x["scale"], labels, **kwargs)
+    want = naive_clip_loss(x["image"], x["text"], x["scale"], labels, **kwargs)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("labels", [None, LABELS], ids=["diagonal", "classes"])
+@pytest.mark.parametrize("memory", [False, True], ids=["batch", "memory"])
+@pytest.mark.parametrize("pos_weight", [None, 3.5], ids=["unweighted", "pos_weight"])
+def test_siglip_loss_matches_per_pair_reference(labels, memory, pos_weight):
+    x = make_inputs(memory=memory)
+    memory_labels = MEMORY_LABELS if (memory and labels is not None) else None
+    kwargs = dict(memory_image=x.get("memory_image"), memory_text=x.get("memory_text"), memory_labels=memory_labels)
+    got = siglip_loss(x["image"], x["text"], x["scale"], x["bias"], labels, pos_weight, **kwargs)
+    want = naive_siglip_loss(x["image"], x["text"], x["scale"], x["bias"], labels, pos_weight, **kwargs)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_one_positive_per_row_labels_equal_diagonal():
+    x = make_inputs()
+    unique = torch.arange(B)
+    memory_unique = torch.arange(B, B + M)  # no memory row shares a class with the batch
+    memory = dict(memory_image=x["memory_image"], memory_text=x["memory_text"])
+    torch.testing.assert_close(
+        clip_loss(x["image"], x["text"], x["scale"], unique, memory_labels=memory_unique, **memory),
+        clip_loss(x["image"], x["text"], x["scale"], **memory), rtol=1e-14, atol=0)
+    torch.testing.assert_close(
+        siglip_loss(x["image"], x["text"], x["scale"], x["bias"], unique, memory_labels=memory_unique, **memory),
+        siglip_loss(x["image"], x["text"], x["scale"], x["bias"], **memory), rtol=1e-14, atol=0)
+
+
+def test_positive_mask_and_balanced_pos_weight():
+    mask = positive_mask(LABELS, B, MEMORY_LABELS, M)
+    candidates = LABELS.tolist() + MEMORY_LABELS.tolist()
+    want = torch.tensor([[a == c for c in candidates] for a in LABELS.tolist()])
+    assert mask.shape == (B, B + M) and mask.dtype == torch.bool and torch.equal(mask, want)
+    assert torch.equal(positive_mask(None, 3, None, 2), torch.tensor([[1, 0, 0, 0, 0], [0, 1, 0, 0, 0],
+                                                                      [0, 0, 1, 0, 0]], dtype=torch.bool))
+    # class counts: batch {0: 3, 1: 1, 2: 2}, memory {0: 2, 1: 1, 2: 1, 3: 1}
+    # positives: batch block 3*3 + 1*1 + 2*2 = 14, against memory 3*2 + 1*1 + 2*1 = 9; 23 of 66 pairs
+    assert int(want.sum()) == 23
+    assert balanced_pos_weight(LABELS, MEMORY_LABELS) == pytest.approx((66 - 23) / 23, rel=1e-15)
+    assert balanced_pos_weight(LABELS) == pytest.approx((36 - 14) / 14, rel=1e-15)
+
+
+def test_balanced_pos_weight_balances_total_weight():
+    # With pos_weight = #neg/#pos, positives and negatives carry the same total weight.
+    w = balanced_pos_weight(LABELS, MEMORY_LABELS)
+    mask = positive_mask(LABELS, B, MEMORY_LABELS, M)
+    assert w * mask.sum().item() == pytest.approx((~mask).sum().item(), rel=1e-15)
+
+
+# --- gradients --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("labels", [None, LABELS], ids=["diagonal", "classes"])
+@pytest.mark.parametrize("memory", [False, True], ids=["batch", "memory"])
+def test_clip_loss_gradcheck(labels, memory):
+    x = {k: v.requires_grad_() for k, v in make_inputs(memory=memory).items() if k != "bias"}
+    memory_labels = MEMORY_LABELS if (memory and labels is not None) else None
+    # image, text, scale[, memory_image, memory_text]: memory too, DDP passes other ranks' rows there
+    names = list(x)
+
+    def f(*args):
+        a = dict(zip(names, args))
+        return clip_loss(a["image"], a["text"], a["scale"], labels, a.get("memory_image"), a.get("memory_text"),
+                         memory_labels)
+
+    assert torch.autograd.gradcheck(f, tuple(x.values()))
+
+
+@pytest.mark.parametrize("labels", [None, LABELS], ids=["diagonal", "classes"])
+@pytest.mark.parametrize("memory", [False, True], ids=["batch", "memory"])
+@pytest.mark.parametrize("pos_weight", [None, 3.5], ids=["unweighted", "pos_weight"])
+def test_siglip_loss_gradcheck(labels, memory, pos_weight):
+    x = {k: v.requires_grad_() for k, v in make_inputs(memory=memory).items()}
+    memory_labels = MEMORY_LABELS if (memory and labels is not None) else None
+    names = list(x)
+
+    def f(*args):
+        a = dict(zip(names, args))
+        return siglip_loss(a["image"], a["text"], a["scale"], a["bias"], labels, pos_weight,
+                           a.get("memory_image"), a.get("memory_text"), memory_labels)
+
+    assert torch.autograd.gradcheck(f, tuple(x.values()))
+
+
+def test_clamp_logit_scale_in_place():
+    scale = torch.nn.Parameter(torch.tensor(5.0))
+    pointer = scale.data_ptr()
+    clamp_logit_scale_(scale)
+    assert scale.item() == pytest.approx(math.log(100)) and scale.data_ptr() == pointer and scale.requires_grad
+    scale.data.fill_(-1.0)
+    clamp_logit_scale_(scale)
+    assert scale.item() == 0.0
+
+
+def test_inconsistent_memory_arguments_raise():
+    x = make_inputs()
+    with pytest.raises(ValueError, match="memory_labels"):
+        clip_loss(x["image"], x["text"], x["scale"], None, x["memory_image"], x["memory_text"], MEMORY_LABELS)
+    with pytest.raises(ValueError, match="memory_labels"):
+        clip_loss(x["image"], x["text"], x["scale"], LABELS, x["memory_image"], x["memory_text"], None)
+    with pytest.raises(ValueError, match="memory_image / memory_text"):
+        siglip_loss(x["image"], x["text"], x["scale"], x["bias"], memory_image=x["memory_image"])
+
+
+# --- parity with upstream in the one-positive case ----------------------------------------------
+
+def test_clip_loss_matches_open_clip_values_and_gradients():
+    from open_clip.loss import ClipLoss
+
+    ours = {k: v.requires_grad_() for k, v in make_inputs(memory=False).items() if k != "bias"}
+    theirs = {k: v.detach().clone().requires_grad_() for k, v in ours.items()}
+    loss = clip_loss(ours["image"], ours["text"], ours["scale"])
+    # open_clip takes already-normalized features and the already-exponentiated scale.
+    upstream = ClipLoss()(F.normalize(theirs["image"], dim=-1), F.normalize(theirs["text"], dim=-1),
+                          theirs["scale"].exp())
+    torch.testing.assert_close(loss, upstream, rtol=1e-13, atol=0)
+    loss.backward(), upstream.backward()
+    for name in ours:
+        torch.testing.assert_close(ours[name].grad, theirs[name].grad, rtol=1e-11, atol=1e-13)
+
+
+def test_siglip_loss_matches_open_clip_values_and_gradients():
+    from open_clip.loss import SigLipLoss
+
+    ours = {k: v.requires_grad_() for k, v in make_inputs(memory=False).items()}
+    theirs = {k: v.detach().clone().requires_grad_() for k, v in ours.items()}
+    loss = siglip_loss(ours["image"], ours["text"], ours["scale"], ours["bias"])
+    upstream = SigLipLoss()(F.normalize(theirs["image"], dim=-1), F.normalize(theirs["text"], dim=-1),
+                            theirs["scale"].exp(), theirs["bias"])
+    torch.testing.assert_close(loss, upstream, rtol=1e-13, atol=0)
+    loss.backward(), upstream.backward()
+    for name in ours:
+        torch.testing.assert_close(ours[name].grad, theirs[name].grad, rtol=1e-11, atol=1e-13)
+
+
+def test_siglip_loss_matches_transformers_siglip_model():
+    # transformers: loss = mean over texts of -sum over images of logsigmoid(z * logits_per_text),
+    # i.e. the sum over all N^2 pairs divided by N (batch size): SigLIP eq. 1, same as ours.
+    from transformers import SiglipConfig, SiglipModel
+
+    torch.manual_seed(0)
+    config = SiglipConfig(
+        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=16),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
+                           num_hidden_layers=2, num_attention_heads=2),
+    )
+    model = SiglipModel(config).double().eval()
+    with torch.no_grad():  # the post-init values (0, 0) would make the check weak
+        model.logit_scale.fill_(1.7)
+        model.logit_bias.fill_(-2.5)
+    out = model(input_ids=torch.randint(0, 99, (5, 16)), pixel_values=torch.randn(5, 3, 32, 32, dtype=torch.float64),
+                return_loss=True)
+    ours = siglip_loss(out.image_embeds, out.text_embeds, model.logit_scale, model.logit_bias)
+    torch.testing.assert_close(ours, out.loss, rtol=1e-13, atol=0)
+
+
+def test_clip_loss_matches_transformers_clip_model():
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=16),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
+                           num_hidden_layers=2, num_attention_heads=2),
+        projection_dim=16,
+    )
+    model = CLIPModel(config).double().eval()
+    out = model(input_ids=torch.randint(0, 99, (5, 16)), pixel_values=torch.randn(5, 3, 32, 32, dtype=torch.float64),
+                return_loss=True)
+    ours = clip_loss(out.image_embeds, out.text_embeds, model.logit_scale)
+    torch.testing.assert_close(ours, out.loss, rtol=1e-13, atol=0)
