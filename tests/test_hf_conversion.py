@@ -74,3 +74,52 @@ def test_cli_help_and_error_exit(tmp_path):
                            "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert done.returncode == 2
     assert "config.json not found" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_full_hf_checkpoint_round_trip(tmp_path):
+    """A directory as the hub serves it (model + tokenizer + preprocessor saved by transformers):
+    the converted checkpoint tokenizes exactly as transformers does and gives the same logits."""
+    import gzip
+
+    from open_clip import tokenizer as open_clip_tokenizer
+    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
+
+    from har_ref import load_model, load_tokenizer
+    from har_ref.tokenizer_training import bytes_to_unicode
+
+    lines = gzip.open(open_clip_tokenizer.default_bpe()).read().decode("utf-8").split("\n")
+    merges = lines[1:49152 - 256 - 2 + 1]
+    byte_tokens = list(bytes_to_unicode().values())
+    tokens = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab_dir = tmp_path / "vocab"
+    vocab_dir.mkdir()
+    (vocab_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (vocab_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=2, eos_token_id=2),  # as openai's config.json
+                     vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=16), projection_dim=16)
+    hf_dir = tmp_path / "hf"
+    up = CLIPModel(cfg).eval()
+    up.save_pretrained(hf_dir)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=CLIPTokenizer.from_pretrained(vocab_dir))
+    processor.save_pretrained(hf_dir)
+    out = convert_hf(hf_dir, tmp_path / "out")
+
+    texts = ["This is a photo of a person texting.", "a photo of a person listening to music."]
+    expected = processor.tokenizer(texts, padding="max_length", max_length=77, truncation=True,
+                                   return_tensors="pt")
+    ids, mask = load_tokenizer(out)(texts)
+    assert torch.equal(ids, expected.input_ids) and torch.equal(mask, expected.attention_mask)
+    assert int(ids[0, -1]) == 49407  # padded with <|endoftext|>, as transformers pads
+
+    model = load_model(out)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = up(pixel_values=x, input_ids=expected.input_ids).logits_per_image
+        torch.testing.assert_close(model(x, ids), ref, atol=1e-4, rtol=1e-5)

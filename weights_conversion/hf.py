@@ -142,6 +142,24 @@ def find_weights(src: Path) -> Path:
                           "written by CLIPModel/SiglipModel.save_pretrained or downloaded from the hub.")
 
 
+def tokenizer_pad_id(src: Path, cfg: ModelConfig) -> int:
+    """The id the checkpoint's tokenizer pads with, which is what har_ref's tokenizer must use.
+
+    transformers' CLIP text config says pad_token_id=1, but its tokenizer pads with
+    <|endoftext|> (49407); SigLIP pads with </s>. The tokenizer files are the authority.
+    """
+    from har_ref.tokenizer import ClipTokenizer, SiglipTokenizer, declared_pad_token, token_id
+
+    has_files = any((src / f).is_file() for f in ("tokenizer.json", "vocab.json", "spiece.model"))
+    if not has_files:
+        return cfg.text.pad_token_id
+    tokenizer = (ClipTokenizer if cfg.family == "clip" else SiglipTokenizer)(src, cfg.text.context_length)
+    pad = declared_pad_token(src)
+    pad_id = token_id(tokenizer, pad) if pad is not None else None
+    # Without a declared pad token both upstream tokenizers pad with their end token.
+    return pad_id if pad_id is not None else tokenizer.eos_token_id
+
+
 def convert_hf(src: str | Path, out: str | Path) -> Path:
     src = Path(src)
     if not (src / "config.json").is_file():
@@ -150,6 +168,7 @@ def convert_hf(src: str | Path, out: str | Path) -> Path:
     pre_path = src / "preprocessor_config.json"
     preprocessor = json.loads(pre_path.read_text()) if pre_path.is_file() else None
     cfg = convert_config(hf_config, preprocessor)
+    cfg.text.pad_token_id = tokenizer_pad_id(src, cfg)
     tensors = convert_state_dict(read_state_dict(find_weights(src)), cfg)
     extra = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
     return write_checkpoint(cfg, tensors, out, extra)
