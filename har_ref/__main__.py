@@ -1,0 +1,144 @@
+"""python -m har_ref {train,evaluate,compare,prompts,predict,prepare,synth,demo} ...
+
+Every user error (missing weights, bad data layout, bad flag value) ends in one line on
+stderr and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from .train_config import TrainConfig, preset
+
+GET_WEIGHTS = ("convert a checkpoint first: `python -m weights_conversion hf --src HF_DIR --out DIR` "
+               "(see README: Real checkpoints)")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, choices=["clip", "siglip"], help="loss and protocol preset")
+    p.add_argument("--weights", required=True, help="converted checkpoint directory (config.json, model.safetensors)")
+    p.add_argument("--data", required=True, help="dataset with train/<class>/ and test/<class>/")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    # Every field of TrainConfig is a flag; defaults come from the --model preset.
+    for f in fields(TrainConfig):
+        if f.name in ("model", "synthetic"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            p.add_argument(flag, type=kind, default=None, help=f"(preset default for --model)")
+
+
+def train_config_from(args) -> TrainConfig:
+    cfg = preset(args.model)
+    for f in fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None and f.name != "model":
+            setattr(cfg, f.name, value)
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m har_ref", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    add_train_args(sub.add_parser("train", help="fine-tune CLIP or SigLIP end-to-end on HAR folders"))
+
+    p = sub.add_parser("evaluate", help="score the test split: metrics.json, predictions.csv, confusion.png")
+    p.add_argument("--weights", required=True, help="converted checkpoint or run directory")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--prompts", default=None, help="template bank or best_prompts.json")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
+
+    p = sub.add_parser("compare", help="CLIP-vs-SigLIP report from two run directories")
+    p.add_argument("run_clip")
+    p.add_argument("run_siglip")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resamples", type=int, default=10_000, help="paired bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("prompts", help="per-class prompt ablation on a validation slice of train/")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("prepare", help="flat image folder + CSV -> stratified train/ test/ folders (links)")
+    p.add_argument("--csv", required=True)
+    p.add_argument("--images", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--test-per-class", type=int, default=126)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("synth", help="generate the offline synthetic HAR-like dataset")
+    p.add_argument("--out", required=True)
+    p.add_argument("--train-per-class", type=int, default=60)
+    p.add_argument("--test-per-class", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("demo", help="offline demo: synthetic data, tiny CLIP and SigLIP, report")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def run(args) -> None:
+    if args.command == "train":
+        from .train import train
+        train(train_config_from(args), args.weights, args.data, args.out, resume=args.resume)
+    elif args.command == "evaluate":
+        from .evaluate import evaluate
+        m = evaluate(args.weights, args.data, args.out, args.prompts, args.batch_size, args.workers)
+        print(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ECE {m['ece']:.4f} -> {args.out}")
+    elif args.command == "compare":
+        from .report import compare_runs
+        path = compare_runs(args.run_clip, args.run_siglip, args.out, n_resamples=args.resamples, seed=args.seed)
+        print(f"wrote {path}")
+    elif args.command == "prompts":
+        from .prompt_ablation import ablate_prompts
+        ablate_prompts(args.weights, args.data, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                       top_k=args.top_k)
+        print(f"wrote {args.out}/prompt_ablation.md and {args.out}/best_prompts.json")
+    elif args.command == "prepare":
+        from .data import prepare_splits
+        report = prepare_splits(args.csv, args.images, args.out, args.test_per_class, args.seed)
+        print(f"wrote {args.out}/train and {args.out}/test; report in {args.out}/prepare_report.json")
+        for key in ("missing_files", "duplicates", "unknown_labels"):
+            if report.get(key):
+                print(f"  {key}: {len(report[key])} (see prepare_report.json)")
+    elif args.command == "synth":
+        from .synthetic import generate
+        generate(args.out, train_per_class=args.train_per_class, test_per_class=args.test_per_class, seed=args.seed)
+        print(f"wrote {args.out}/train and {args.out}/test")
+    elif args.command == "demo":
+        from .demo import run_demo
+        run_demo(args.out, seed=args.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except FileNotFoundError as e:
+        hint = f"; {GET_WEIGHTS}" if "config.json" in str(e) or "safetensors" in str(e) else ""
+        print(f"error: {e}{hint}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last epoch's checkpoint is in the run directory (use --resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

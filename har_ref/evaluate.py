@@ -1,0 +1,112 @@
+"""Zero-shot / fine-tuned evaluation: class prompts vs test images, metrics.json, predictions.csv.
+
+Classification as image-text matching (CLIP sec. 3.1.2): each class is the mean of its
+L2-normalized template embeddings (the prompt ensemble, CLIP sec. 3.1.4), renormalized;
+an image is assigned the class whose embedding scores highest. Scores are the model's own
+logits, exp(t) * cos (+ b for SigLIP), so the softmax used for calibration is the one the
+model was trained to produce.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import ImageFolderDataset, PromptBank, build_splits, make_eval_loader
+from .metrics import compute_metrics, expected_calibration_error, reliability_diagram_data, softmax
+from .model import DualEncoder, load_model
+from .plots import plot_confusion
+from .tokenizer import load_tokenizer
+from .transforms import build_transform
+
+MODEL_NAMES = {"clip": "CLIP", "siglip": "SigLIP"}
+
+
+@torch.no_grad()
+def class_embeddings(model: DualEncoder, tokenizer, bank: PromptBank, class_names: list[str],
+                     batch_size: int = 256) -> torch.Tensor:
+    """[K, D] unit vectors: the normalized mean of each class's normalized template embeddings.
+
+    The attention mask is not passed: SigLIP was trained attending to its padding (and CLIP's
+    causal tower never sees tokens after the end token), so this is how upstream encodes text.
+    """
+    texts, class_ids = bank.all_prompts()
+    device = model.logit_scale.device
+    embs = []
+    for start in range(0, len(texts), batch_size):
+        ids, _ = tokenizer(texts[start:start + batch_size])
+        embs.append(F.normalize(model.encode_text(ids.to(device)).float(), dim=-1))
+    embs = torch.cat(embs)
+    class_ids = torch.as_tensor(class_ids, device=device)
+    means = torch.zeros(len(class_names), embs.shape[1], device=device).index_add_(0, class_ids, embs)
+    return F.normalize(means, dim=-1)
+
+
+@torch.no_grad()
+def image_scores(model: DualEncoder, loader, class_emb: torch.Tensor,
+                 autocast: torch.autocast | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(logits [N, K], true labels [N], dataset indices [N]) over a loader of (pixels, label, index)."""
+    device = class_emb.device
+    scale = model.logit_scale.exp().float()
+    bias = model.logit_bias.float() if model.logit_bias is not None else 0.0
+    all_logits, all_labels, all_indices = [], [], []
+    for pixels, labels, indices in loader:
+        with autocast or torch.autocast(device.type, enabled=False):
+            img = model.encode_image(pixels.to(device, non_blocking=True))
+        logits = scale * F.normalize(img.float(), dim=-1) @ class_emb.T + bias
+        all_logits.append(logits.cpu())
+        all_labels.append(labels)
+        all_indices.append(indices)
+    return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy(), torch.cat(all_indices).numpy()
+
+
+def write_predictions(path: Path, items, indices, logits, class_names) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "true", "pred"] + [f"score_{c}" for c in class_names])
+        pred = logits.argmax(1)
+        for row, idx in enumerate(indices):
+            file, label = items[idx]
+            w.writerow([str(file), class_names[label], class_names[pred[row]]]
+                       + [f"{s:.6g}" for s in logits[row]])
+
+
+def evaluate_model(model: DualEncoder, tokenizer, data_dir: str | Path, out_dir: str | Path,
+                   prompts: str | Path | None = None, batch_size: int = 64, workers: int = 0,
+                   split: str = "test", label: str | None = None, autocast=None) -> dict:
+    """Score `split` of DATA_DIR, write metrics.json, predictions.csv and confusion.png to OUT_DIR."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train_items, test_items, class_names = build_splits(data_dir)
+    items = test_items if split == "test" else train_items
+    dataset = ImageFolderDataset(items, build_transform(model.cfg, train=False))
+    loader = make_eval_loader(dataset, batch_size=batch_size, workers=workers)
+    bank = PromptBank.from_file(prompts, class_names)
+    model.eval()
+    logits, y_true, indices = image_scores(model, loader, class_embeddings(model, tokenizer, bank, class_names),
+                                           autocast)
+    y_pred = logits.argmax(1)
+    metrics = compute_metrics(y_true, y_pred, class_names)
+    probs = softmax(logits)
+    metrics["ece"] = expected_calibration_error(probs, y_true, n_bins=15)
+    metrics["reliability"] = reliability_diagram_data(probs, y_true, n_bins=15)
+    metrics["model_name"] = label or MODEL_NAMES[model.cfg.family]
+    metrics["family"] = model.cfg.family
+    metrics["split"] = split
+    metrics["skipped_images"] = [[str(p), r] for p, r in getattr(dataset, "skipped", [])]
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_predictions(out_dir / "predictions.csv", dataset.items, indices, logits, class_names)
+    plot_confusion(np.asarray(metrics["confusion_normalized"]), class_names,
+                   f"Confusion matrix (normalized): {metrics['model_name']}", out_dir / "confusion.png")
+    return metrics
+
+
+def evaluate(weights: str | Path, data_dir: str | Path, out_dir: str | Path, prompts=None,
+             batch_size: int = 64, workers: int = 0, device: str = "cpu") -> dict:
+    """`python -m har_ref evaluate`: a converted pretrained checkpoint (zero-shot) or a run directory."""
+    model = load_model(weights, device=device)
+    return evaluate_model(model, load_tokenizer(weights), data_dir, out_dir, prompts, batch_size, workers)

@@ -1,0 +1,262 @@
+"""End-to-end contrastive fine-tuning of a DualEncoder on HAR folders (study sec. 3).
+
+One step: sample a prompt per image from the template bank, embed both, score every image
+against every prompt of the batch (+ other ranks' rows under DDP, + the cross-batch
+memory), and descend on CLIP's InfoNCE or SigLIP's sigmoid loss. Same-class pairs are
+positives (losses.py). Gradient accumulation has two modes:
+
+- independent: each micro-batch is its own contrastive problem (its batch + XBM);
+  gradients are summed over `accum_steps` micro-batches before the optimizer step.
+- cached (GradCache, Gao et al. 2021; open_clip --accum-freq): the whole effective batch
+  is one contrastive problem. Embed every micro-batch without grad, take the loss
+  gradient w.r.t. the embeddings, then re-run each micro-batch with grad and backpropagate
+  those embedding gradients. Exact large-batch gradients at one micro-batch's activation memory.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import distributed as dist
+from .checkpoint import load_training_state, save_training_state
+from .data import ImageFolderDataset, PromptBank, build_splits, make_train_loader
+from .evaluate import evaluate_model
+from .losses import balanced_pos_weight, clamp_logit_scale_, clip_loss, siglip_loss
+from .model import DualEncoder, load_model, save_model
+from .optim import autocast, build_optimizer, grad_scaler, resolve_precision, warmup_cosine
+from .tokenizer import load_tokenizer
+from .train_config import TrainConfig
+from .transforms import build_transform
+from .xbm import CrossBatchMemory
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "spiece.model", "tokenizer_config.json",
+                   "special_tokens_map.json")
+
+
+class EmbedBoth(nn.Module):
+    """The unit DDP wraps (DDP hooks forward() only): both towers plus the loss parameters."""
+
+    def __init__(self, model: DualEncoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor):
+        # No attention mask: SigLIP was trained attending to its padding, and CLIP's causal
+        # tower pools before any padding (see evaluate.class_embeddings).
+        return self.model.encode_image(pixels), self.model.encode_text(input_ids)
+
+
+class PromptSampler:
+    """The template bank tokenized once; `sample` draws one template per example (study sec. 3)."""
+
+    def __init__(self, bank: PromptBank, class_names: list[str], tokenizer, device: torch.device):
+        self.ids = [tokenizer(bank.templates_for(c))[0].to(device) for c in class_names]
+
+    def sample(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        choice = [int(torch.randint(len(self.ids[c]), (1,), generator=generator)) for c in labels.tolist()]
+        return torch.stack([self.ids[c][k] for c, k in zip(labels.tolist(), choice)])
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, weights: str | Path, data: str | Path, out: str | Path):
+        cfg.validate()
+        self.cfg, self.weights, self.data, self.out = cfg, Path(weights), Path(data), Path(out)
+        self.device = dist.setup_distributed()
+        self.main = dist.is_main_process()
+        torch.manual_seed(cfg.seed + dist.rank())
+        random.seed(cfg.seed)
+        self.model = load_model(self.weights, device=self.device).train()
+        if self.model.cfg.family != cfg.model:
+            raise ValueError(f"--model {cfg.model} but {self.weights}/config.json is a {self.model.cfg.family} "
+                             f"checkpoint; pass --model {self.model.cfg.family} or the other weights.")
+        self.model.set_grad_checkpointing(cfg.grad_checkpointing)
+        self.tokenizer = load_tokenizer(self.weights)
+        train_items, _, self.class_names = build_splits(self.data)
+        transform = build_transform(self.model.cfg, train=True, augment=cfg.augment)
+        self.dataset = ImageFolderDataset(train_items, transform)
+        self.loader = make_train_loader(self.dataset, cfg.micro_batch, cfg.workers, cfg.seed)
+        self.prompts = PromptSampler(PromptBank.from_file(cfg.prompts, self.class_names), self.class_names,
+                                     self.tokenizer, self.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.embed = EmbedBoth(torch.compile(self.model) if cfg.compile else self.model)
+        if dist.is_distributed():
+            if cfg.accum_mode == "cached":
+                raise ValueError("--accum-mode cached is single-process only; under torchrun use independent "
+                                 "(every rank's batch is already gathered into one contrastive problem).")
+            self.embed = DistributedDataParallel(self.embed)
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay)
+        self.steps_per_epoch = len(self.loader) / cfg.accum_steps
+        self.total_steps = max(1, int(self.steps_per_epoch * cfg.epochs))
+        self.scheduler = warmup_cosine(self.optimizer, cfg.warmup_steps, self.total_steps)
+        self.scaler = grad_scaler(self.precision, self.device)
+        self.xbm = (CrossBatchMemory(cfg.xbm_size, self.model.cfg.embed_dim, cfg.xbm_warmup_steps, self.device)
+                    if cfg.xbm_size else None)
+        self.generator = torch.Generator().manual_seed(cfg.seed + 1000 * dist.rank())
+        self.step = self.micro_step = self.epoch = 0
+        self.pending: list[tuple] = []  # cached mode: micro-batches of the optimizer step in progress
+
+    # ---------------------------------------------------------------- loss
+    def loss(self, image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The contrastive loss of local anchors against every candidate (local, other ranks, memory)."""
+        image, text = image.float(), text.float()  # losses in fp32: sums of up to 32k exponentials
+        extra = [(dist.gather_from_other_ranks(image), dist.gather_from_other_ranks(text),
+                  dist.gather_from_other_ranks(labels))] if dist.is_distributed() else []
+        memory = self.xbm.get() if self.xbm is not None else None
+        if memory is not None:
+            extra.append(tuple(memory))
+        mem_img, mem_txt, mem_lab = (torch.cat(parts) for parts in zip(*extra)) if extra else (None, None, None)
+        if self.cfg.model == "clip":
+            return clip_loss(image, text, self.model.logit_scale, labels, mem_img, mem_txt, mem_lab)
+        pos_weight = None
+        if self.cfg.pos_weight == "balanced":
+            pos_weight = balanced_pos_weight(labels, mem_lab)
+        elif self.cfg.pos_weight != "none":
+            pos_weight = float(self.cfg.pos_weight)
+        return siglip_loss(image, text, self.model.logit_scale, self.model.logit_bias, labels, pos_weight,
+                           mem_img, mem_txt, mem_lab)
+
+    def remember(self, image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> None:
+        """Enqueue after backward (xbm.py); under DDP the memory holds every rank's rows."""
+        if self.xbm is not None:
+            gather = dist.gather_with_grad if dist.is_distributed() else (lambda x: x)
+            with torch.no_grad():
+                self.xbm.enqueue(gather(image.detach()), gather(text.detach()), gather(labels))
+
+    # ---------------------------------------------------------------- accumulation modes
+    def independent_micro_step(self, pixels, ids, labels, last_of_step: bool) -> float:
+        sync = nullcontext() if last_of_step or not dist.is_distributed() else self.embed.no_sync()
+        with sync:
+            with autocast(self.precision, self.device):
+                image, text = self.embed(pixels, ids)
+            loss = self.loss(image, text, labels)
+            self.scaler.scale(loss / self.cfg.accum_steps).backward()
+        self.remember(image, text, labels)
+        return loss.item()
+
+    def cached_step(self, batches: list[tuple]) -> float:
+        with torch.no_grad(), autocast(self.precision, self.device):
+            embs = [self.embed(pixels, ids) for pixels, ids, _ in batches]
+        image = torch.cat([e[0] for e in embs]).float().requires_grad_()
+        text = torch.cat([e[1] for e in embs]).float().requires_grad_()
+        labels = torch.cat([b[2] for b in batches])
+        loss = self.loss(image, text, labels)
+        self.scaler.scale(loss).backward()  # d loss / d embeddings, and the logit scale/bias grads
+        start = 0
+        for pixels, ids, _ in batches:  # re-run with grad; chain rule through the cached gradients
+            end = start + pixels.shape[0]
+            with autocast(self.precision, self.device):
+                img, txt = self.embed(pixels, ids)
+            ((img.float() * image.grad[start:end]).sum() + (txt.float() * text.grad[start:end]).sum()).backward()
+            start = end
+        self.remember(image, text, labels)
+        return loss.item()
+
+    def optimizer_step(self) -> None:
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        clamp_logit_scale_(self.model.logit_scale)  # CLIP sec. 2.5: keep exp(t) <= 100
+        self.scheduler.step()
+        self.step += 1
+
+    # ---------------------------------------------------------------- epochs
+    def train_epoch(self) -> dict:
+        self.model.train()
+        if hasattr(self.loader.sampler, "set_epoch"):
+            self.loader.sampler.set_epoch(self.epoch)
+        start, losses, images = time.perf_counter(), [], 0
+        n_micro = len(self.loader)
+        for i, (pixels, labels, _) in enumerate(self.loader):
+            pixels, labels = pixels.to(self.device, non_blocking=True), labels.to(self.device)
+            ids = self.prompts.sample(labels.cpu(), self.generator)
+            self.micro_step += 1
+            ends_step = self.micro_step % self.cfg.accum_steps == 0
+            if self.cfg.accum_mode == "cached":
+                self.pending.append((pixels, ids, labels))  # a step may span epochs
+                if ends_step:
+                    losses.append(self.cached_step(self.pending))
+                    self.pending = []
+            else:
+                losses.append(self.independent_micro_step(pixels, ids, labels, ends_step))
+            if ends_step:
+                self.optimizer_step()
+            images += pixels.shape[0] * dist.world_size()
+            self.progress(i + 1, n_micro, losses, images, start)
+        seconds = time.perf_counter() - start
+        self.epoch += 1
+        return {"epoch": self.epoch, "loss": sum(losses) / max(1, len(losses)), "epoch_time_s": seconds,
+                "images_per_s": images / seconds, "lr": self.scheduler.get_last_lr()[0],
+                "logit_scale": self.model.logit_scale.item(),
+                "logit_bias": None if self.model.logit_bias is None else self.model.logit_bias.item(),
+                "step": self.step}
+
+    def progress(self, i: int, n: int, losses: list[float], images: int, start: float) -> None:
+        if not self.main or not losses:
+            return
+        elapsed = time.perf_counter() - start
+        eta = elapsed / i * (n - i + n * (self.cfg.epochs - self.epoch - 1))
+        end = "\n" if i == n else ""
+        print(f"\repoch {self.epoch + 1}/{self.cfg.epochs} batch {i}/{n} step {self.step} "
+              f"loss {losses[-1]:.4f} {images / elapsed:.1f} img/s ETA {eta / 60:.1f} min", end=end, flush=True)
+
+    def explain_batch(self) -> None:
+        n = len(self.dataset) * dist.world_size()
+        eff = self.cfg.effective_batch * dist.world_size()
+        print(f"[train] {self.cfg.model}: {n} training images, {len(self.class_names)} classes, "
+              f"micro-batch {self.cfg.micro_batch} x accum {self.cfg.accum_steps} x {dist.world_size()} rank(s) "
+              f"= effective batch {eff}; XBM {self.cfg.xbm_size}; precision {self.precision}; "
+              f"{self.total_steps} optimizer step(s) over {self.cfg.epochs} epoch(s)")
+        if eff > n:
+            print(f"[train] note: the effective batch ({eff}) exceeds the training set ({n} images): one "
+                  f"optimizer step spans {eff / n:.1f} epochs, so {self.cfg.epochs} epochs make only "
+                  f"{self.total_steps} step(s). Lower --accum-steps for more updates.")
+        for path, reason in getattr(self.dataset, "skipped", []):
+            print(f"[train] skipped unreadable image {path}: {reason}")
+
+    def run(self, resume: bool = False) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            load_training_state(self)
+        elif self.main:
+            (self.out / "log.jsonl").write_text("")
+        if self.main:
+            self.cfg.save(self.out / "train_config.json")
+            self.explain_batch()
+        while self.epoch < self.cfg.epochs:
+            record = self.train_epoch()
+            if self.main:
+                with open(self.out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                save_training_state(self)
+        if self.micro_step % self.cfg.accum_steps:  # the last, partial step is not thrown away
+            if self.pending:
+                self.cached_step(self.pending)
+            self.optimizer_step()
+        metrics = {}
+        if self.main:
+            save_model(self.model, self.out)
+            for name in TOKENIZER_FILES:
+                if (self.weights / name).is_file() and self.weights.resolve() != self.out.resolve():
+                    shutil.copy(self.weights / name, self.out / name)
+            metrics = evaluate_model(self.model, self.tokenizer, self.data, self.out, self.cfg.prompts,
+                                     self.cfg.eval_batch, self.cfg.workers, autocast=autocast(self.precision, self.device))
+            print(f"[train] test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
+                  f"-> {self.out}/metrics.json", file=sys.stdout)
+        dist.cleanup()
+        return metrics
+
+
+def train(cfg: TrainConfig, weights, data, out, resume: bool = False) -> dict:
+    return Trainer(cfg, weights, data, out).run(resume=resume)

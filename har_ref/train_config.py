@@ -1,0 +1,75 @@
+"""Training settings: one dataclass, two presets that reproduce the study's protocol (sec. 3).
+
+Study protocol: CLIP ViT-B/32 with effective batch ~4,000 and XBM ~4,000; SigLIP base/16-224
+with effective batch ~32,000 and XBM ~32,000; AdamW; bf16/fp16 autocast; drop_last;
+one template sampled per example per step; 10 epochs. Every number is overridable by flag.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+
+@dataclass
+class TrainConfig:
+    model: str = "clip"  # "clip" | "siglip": which loss, and the preset it came from
+    epochs: int = 10
+    micro_batch: int = 128  # images per forward/backward
+    accum_steps: int = 32  # micro-batches per optimizer step; effective batch = micro_batch * accum_steps
+    accum_mode: str = "independent"  # "independent" | "cached" (GradCache: exact large-batch gradients)
+    xbm_size: int = 4096  # cross-batch memory entries (0 disables it)
+    xbm_warmup_steps: int = 100  # micro-batches before the memory is used
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    warmup_steps: int = 2  # optimizer steps of linear warm-up, then cosine decay to 0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"
+    pos_weight: str = "none"  # SigLIP only: "none" | "balanced" | a number
+    augment: bool = False  # random resized crop + horizontal flip on train images
+    workers: int = 2
+    seed: int = 0
+    prompts: str | None = None  # template bank JSON; None = the packaged har_ref/prompts.json
+    compile: bool = False  # torch.compile the encoders
+    grad_checkpointing: bool = False
+    cache_dir: str | None = None  # preprocessed uint8 image cache (see data.py); None disables it
+    eval_batch: int = 64
+    synthetic: bool = False  # set by the offline demo so reports say what the numbers are
+
+    @property
+    def effective_batch(self) -> int:
+        return self.micro_batch * self.accum_steps
+
+    def validate(self) -> None:
+        checks = [
+            (self.model in ("clip", "siglip"), f"--model must be clip or siglip, got {self.model!r}"),
+            (self.accum_mode in ("independent", "cached"), f"--accum-mode must be independent or cached, got {self.accum_mode!r}"),
+            (self.precision in ("auto", "fp32", "bf16", "fp16"), f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}"),
+            (self.micro_batch > 0 and self.accum_steps > 0 and self.epochs > 0, "--micro-batch, --accum-steps and --epochs must be positive"),
+            (self.xbm_size >= 0, "--xbm-size must be >= 0 (0 disables the memory)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message + ".")
+        if self.pos_weight not in ("none", "balanced"):
+            try:
+                float(self.pos_weight)
+            except ValueError:
+                raise ValueError(f"--pos-weight must be none, balanced or a number, got {self.pos_weight!r}.") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in json.loads(Path(path).read_text()).items() if k in known})
+
+
+def preset(model: str) -> TrainConfig:
+    """The study's protocol for each model (report sec. 3)."""
+    if model == "clip":  # effective batch 128 x 32 = 4,096 (~4k), XBM 4,096
+        return TrainConfig(model="clip", micro_batch=128, accum_steps=32, xbm_size=4096, lr=1e-5)
+    if model == "siglip":  # effective batch 64 x 500 = 32,000 (~32k), XBM 32,000
+        return TrainConfig(model="siglip", micro_batch=64, accum_steps=500, xbm_size=32_000, lr=1e-5)
+    raise ValueError(f"--model must be clip or siglip, got {model!r}.")

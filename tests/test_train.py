@@ -1,0 +1,161 @@
+"""The training loop on tiny converted upstream checkpoints and synthetic data.
+
+Upstream (transformers) models and tokenizers are built at tiny sizes, saved with
+save_pretrained, converted with weights_conversion, then trained with `python -m har_ref train`'s
+code path. The GradCache test checks the `cached` accumulation mode against one big batch.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import (CLIPConfig, CLIPModel, CLIPTokenizer, SiglipConfig, SiglipModel,  # noqa: E402
+                          SiglipTokenizer)
+
+from har_ref.data import PromptBank  # noqa: E402
+from har_ref.synthetic import CLASS_NAMES, generate  # noqa: E402
+from har_ref.tokenizer_training import train_clip_bpe, train_sentencepiece  # noqa: E402
+from har_ref.train import Trainer, train  # noqa: E402
+from har_ref.train_config import TrainConfig  # noqa: E402
+from weights_conversion.hf import convert_hf  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops on a shared 2-core machine run faster single-threaded
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    generate(root, train_per_class=4, test_per_class=2, image_size=32, seed=0)
+    return root
+
+
+def prompt_texts():
+    return PromptBank.from_file(None, list(CLASS_NAMES)).all_prompts()[0]
+
+
+@pytest.fixture(scope="module")
+def clip_weights(tmp_path_factory):
+    """A tiny CLIPModel + CLIPTokenizer saved by transformers, converted to har_ref."""
+    root = tmp_path_factory.mktemp("clip")
+    tok = train_clip_bpe(prompt_texts(), root / "vocab", vocab_size=700)
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         vocab_size=tok["vocab_size"], max_position_embeddings=32, eos_token_id=2),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8), projection_dim=16)
+    CLIPModel(cfg).save_pretrained(root / "hf")
+    CLIPTokenizer.from_pretrained(root / "vocab").save_pretrained(root / "hf")
+    return convert_hf(root / "hf", root / "converted")
+
+
+@pytest.fixture(scope="module")
+def siglip_weights(tmp_path_factory):
+    root = tmp_path_factory.mktemp("siglip")
+    tok = train_sentencepiece(prompt_texts(), root / "vocab", vocab_size=200)
+    torch.manual_seed(0)
+    cfg = SiglipConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         vocab_size=tok["vocab_size"], max_position_embeddings=24, pad_token_id=1,
+                         eos_token_id=1, bos_token_id=None),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8))
+    SiglipModel(cfg).save_pretrained(root / "hf")
+    SiglipTokenizer(vocab_file=str(root / "vocab" / "spiece.model")).save_pretrained(root / "hf")
+    return convert_hf(root / "hf", root / "converted")
+
+
+def tiny_cfg(model: str, **overrides) -> TrainConfig:
+    base = dict(model=model, epochs=2, micro_batch=8, accum_steps=2, xbm_size=32, xbm_warmup_steps=1, lr=1e-3,
+                warmup_steps=1, precision="fp32", workers=0, eval_batch=16)
+    return TrainConfig(**{**base, **overrides})
+
+
+@pytest.mark.parametrize("model", ["clip", "siglip"])
+def test_train_writes_a_complete_run(model, clip_weights, siglip_weights, data_dir, tmp_path):
+    weights = clip_weights if model == "clip" else siglip_weights
+    out = tmp_path / "run"
+    metrics = train(tiny_cfg(model), weights, data_dir, out)
+    for name in ("config.json", "model.safetensors", "train_config.json", "log.jsonl", "metrics.json",
+                 "predictions.csv", "confusion.png", "checkpoint/model.safetensors", "checkpoint/trainer_state.pt"):
+        assert (out / name).is_file(), name
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    # 60 images, drop_last with 8 per micro-batch -> 7 micro-batches per epoch, 2 per step -> 7 steps (+1 partial)
+    assert log[-1]["step"] == 7 and all(r["images_per_s"] > 0 for r in log)
+    assert metrics["num_samples"] == 30 and json.loads((out / "metrics.json").read_text())["family"] == model
+    assert 0 <= log[-1]["logit_scale"] <= 4.6052  # clamped to [0, ln 100]
+    # the run directory is itself a checkpoint: evaluate can load it (tokenizer files copied)
+    from har_ref import load_model, load_tokenizer
+    load_model(out), load_tokenizer(out)(["a photo of a person running."])
+
+
+def test_resume_continues_where_it_stopped(clip_weights, data_dir, tmp_path, monkeypatch):
+    """A run killed right after its first checkpoint, resumed, logs what an uninterrupted run logs
+    (7 micro-batches per epoch and 2 per step: the checkpoint holds half a step's gradients)."""
+    import har_ref.train as train_module
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(tiny_cfg("clip"), clip_weights, data_dir, full)
+    save = train_module.save_training_state
+
+    def save_then_crash(trainer):
+        save(trainer)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_training_state", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg("clip"), clip_weights, data_dir, part)
+    monkeypatch.setattr(train_module, "save_training_state", save)
+    train(tiny_cfg("clip"), clip_weights, data_dir, part, resume=True)
+    log_full = [json.loads(x) for x in (full / "log.jsonl").read_text().splitlines()]
+    log_part = [json.loads(x) for x in (part / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log_part] == [r["step"] for r in log_full] == [3, 7]
+    # same data order, prompts, memory, optimizer state and pending gradients -> the same losses
+    for a, b in zip(log_full, log_part):
+        assert abs(a["loss"] - b["loss"]) < 1e-6
+
+
+@pytest.mark.parametrize("model", ["clip", "siglip"])
+def test_cached_accumulation_equals_one_big_batch(model, clip_weights, siglip_weights, data_dir, tmp_path):
+    """GradCache: 3 micro-batches of 8 give the gradients of one contrastive batch of 24."""
+    weights = clip_weights if model == "clip" else siglip_weights
+    trainer = Trainer(tiny_cfg(model, accum_mode="cached", accum_steps=3, xbm_size=0), weights, data_dir, tmp_path)
+    trainer.model.double()  # float64 so the comparison is about the algorithm, not rounding
+    batches = []
+    for pixels, labels, _ in list(trainer.loader)[:3]:
+        batches.append((pixels.double(), trainer.prompts.sample(labels, trainer.generator), labels))
+    trainer.cached_step(batches)
+    cached = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+    trainer.model.zero_grad()
+    image, text = trainer.embed(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+    trainer.loss(image, text, torch.cat([b[2] for b in batches])).backward()
+    for name, p in trainer.model.named_parameters():
+        torch.testing.assert_close(cached[name], p.grad, rtol=1e-9, atol=1e-12, msg=name)
+    assert cached["logit_scale"].abs() > 0
+
+
+def test_cli_missing_weights_is_one_clear_line(data_dir, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "har_ref", "train", "--model", "siglip", "--weights",
+                           str(tmp_path / "nope"), "--data", str(data_dir), "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "weights_conversion" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_cli_model_weights_mismatch(clip_weights, data_dir, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "har_ref", "train", "--model", "siglip", "--weights",
+                           str(clip_weights), "--data", str(data_dir), "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "is a clip checkpoint" in done.stderr
