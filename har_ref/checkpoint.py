@@ -35,7 +35,6 @@ def save_training_state(trainer) -> Path:
         "rng_torch": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "rng_python": list(random.getstate()[1]),
-        "rng_prompts": trainer.generator.get_state(),
         # gradients accumulated towards the next optimizer step (None right after a step)
         "grads": {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None},
         "epoch": trainer.epoch, "step": trainer.step, "micro_step": trainer.micro_step,
@@ -68,7 +67,6 @@ def load_training_state(trainer) -> None:
     if state["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
     random.setstate((3, tuple(state["rng_python"]), None))
-    trainer.generator.set_state(state["rng_prompts"])
     params = dict(trainer.model.named_parameters())
     for name, grad in state["grads"].items():
         params[name].grad = grad.to(params[name].device)

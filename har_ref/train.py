@@ -56,14 +56,20 @@ class EmbedBoth(nn.Module):
 
 
 class PromptSampler:
-    """The template bank tokenized once; `sample` draws one template per example (study sec. 3)."""
+    """The template bank tokenized once; one template drawn per example per epoch (study sec. 3).
 
-    def __init__(self, bank: PromptBank, class_names: list[str], tokenizer, device: torch.device):
+    The draw depends only on (seed, epoch, dataset index), not on batching or rank, so a run
+    on 2 GPUs sees the same (image, prompt) pairs as a run on one.
+    """
+
+    def __init__(self, bank: PromptBank, class_names: list[str], tokenizer, device: torch.device, seed: int):
         self.ids = [tokenizer(bank.templates_for(c))[0].to(device) for c in class_names]
+        self.seed = seed
 
-    def sample(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        choice = [int(torch.randint(len(self.ids[c]), (1,), generator=generator)) for c in labels.tolist()]
-        return torch.stack([self.ids[c][k] for c, k in zip(labels.tolist(), choice)])
+    def sample(self, labels: torch.Tensor, indices: torch.Tensor, epoch: int, dataset_size: int) -> torch.Tensor:
+        uniform = torch.rand(dataset_size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        picks = (uniform[indices.cpu()] * torch.tensor([len(self.ids[c]) for c in labels.tolist()])).long()
+        return torch.stack([self.ids[c][k] for c, k in zip(labels.tolist(), picks.tolist())])
 
 
 class Trainer:
@@ -85,7 +91,7 @@ class Trainer:
         self.dataset = ImageFolderDataset(train_items, transform)
         self.loader = make_train_loader(self.dataset, cfg.micro_batch, cfg.workers, cfg.seed)
         self.prompts = PromptSampler(PromptBank.from_file(cfg.prompts, self.class_names), self.class_names,
-                                     self.tokenizer, self.device)
+                                     self.tokenizer, self.device, cfg.seed)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.embed = EmbedBoth(torch.compile(self.model) if cfg.compile else self.model)
         if dist.is_distributed():
@@ -100,7 +106,6 @@ class Trainer:
         self.scaler = grad_scaler(self.precision, self.device)
         self.xbm = (CrossBatchMemory(cfg.xbm_size, self.model.cfg.embed_dim, cfg.xbm_warmup_steps, self.device)
                     if cfg.xbm_size else None)
-        self.generator = torch.Generator().manual_seed(cfg.seed + 1000 * dist.rank())
         self.step = self.micro_step = self.epoch = 0
         self.pending: list[tuple] = []  # cached mode: micro-batches of the optimizer step in progress
 
@@ -178,9 +183,9 @@ class Trainer:
             self.loader.sampler.set_epoch(self.epoch)
         start, losses, images = time.perf_counter(), [], 0
         n_micro = len(self.loader)
-        for i, (pixels, labels, _) in enumerate(self.loader):
+        for i, (pixels, labels, indices) in enumerate(self.loader):
+            ids = self.prompts.sample(labels, indices, self.epoch, len(self.dataset))
             pixels, labels = pixels.to(self.device, non_blocking=True), labels.to(self.device)
-            ids = self.prompts.sample(labels.cpu(), self.generator)
             self.micro_step += 1
             ends_step = self.micro_step % self.cfg.accum_steps == 0
             if self.cfg.accum_mode == "cached":

@@ -134,8 +134,8 @@ def test_cached_accumulation_equals_one_big_batch(model, clip_weights, siglip_we
     trainer = Trainer(tiny_cfg(model, accum_mode="cached", accum_steps=3, xbm_size=0), weights, data_dir, tmp_path)
     trainer.model.double()  # float64 so the comparison is about the algorithm, not rounding
     batches = []
-    for pixels, labels, _ in list(trainer.loader)[:3]:
-        batches.append((pixels.double(), trainer.prompts.sample(labels, trainer.generator), labels))
+    for pixels, labels, indices in list(trainer.loader)[:3]:
+        batches.append((pixels.double(), trainer.prompts.sample(labels, indices, 0, len(trainer.dataset)), labels))
     trainer.cached_step(batches)
     cached = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
     trainer.model.zero_grad()
@@ -159,3 +159,40 @@ def test_cli_model_weights_mismatch(clip_weights, data_dir, tmp_path):
                            str(clip_weights), "--data", str(data_dir), "--out", str(tmp_path / "run")],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "is a clip checkpoint" in done.stderr
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("model", ["clip", "siglip"])
+def test_torchrun_two_ranks_equals_one_process(model, clip_weights, siglip_weights, data_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 -m har_ref train` (gloo, CPU): 2 ranks x 4 images per step train
+    the same weights as 1 process x 8 images, XBM included; only rank 0 writes the run."""
+    import os
+
+    from safetensors.torch import load_file
+
+    weights = clip_weights if model == "clip" else siglip_weights
+    common = ["--model", model, "--weights", str(weights), "--data", str(data_dir), "--epochs", "1",
+              "--accum-steps", "1", "--xbm-size", "16", "--xbm-warmup-steps", "1", "--lr", "1e-3",
+              "--warmup-steps", "1", "--precision", "fp32", "--workers", "0", "--no-augment"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    single = subprocess.run([sys.executable, "-m", "har_ref", "train", *common, "--micro-batch", "8",
+                             "--out", str(tmp_path / "single")], capture_output=True, text=True, env=env)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(free_port()), "-m", "har_ref", "train", *common,
+                          "--micro-batch", "4", "--out", str(tmp_path / "ddp")],
+                         capture_output=True, text=True, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("[train] test accuracy") == 1  # evaluation and logs on rank 0 only
+    assert len((tmp_path / "ddp" / "log.jsonl").read_text().splitlines()) == 1
+    a, b = load_file(str(tmp_path / "single" / "model.safetensors")), load_file(str(tmp_path / "ddp" / "model.safetensors"))
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"[ddp] {model}: max |single - 2 ranks| over all weights after 7 steps: {worst:.2e}")
+    assert worst < 1e-5
