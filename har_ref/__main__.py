@@ -42,6 +42,19 @@ def train_config_from(args) -> TrainConfig:
     return cfg
 
 
+def class_names_from(spec: str | None) -> list[str]:
+    from pathlib import Path
+
+    from .data import find_classes
+    from .synthetic import CLASS_NAMES
+
+    if spec is None:
+        return list(CLASS_NAMES)
+    if Path(spec).is_dir():
+        return find_classes(Path(spec) / "train")
+    return [c.strip() for c in spec.split(",") if c.strip()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m har_ref", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("predict", help="classify images with one or more checkpoints (compare_viz panel)")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--weights", required=True, action="append", help="checkpoint or run directory (repeatable)")
+    p.add_argument("--classes", default=None, help="a dataset directory (its train/ folders name the classes) "
+                                                   "or a comma-separated list; default: the 15 HAR classes")
+    p.add_argument("--prompts", default=None, help="template bank or best_prompts.json")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--true", default=None, help="the true class, to colour the panel")
+    p.add_argument("--panel", default=None, help="write the compare_viz panel PNG here")
 
     p = sub.add_parser("prepare", help="flat image folder + CSV -> stratified train/ test/ folders (links)")
     p.add_argument("--csv", required=True)
@@ -107,6 +130,10 @@ def run(args) -> None:
         ablate_prompts(args.weights, args.data, args.out, val_fraction=args.val_fraction, seed=args.seed,
                        top_k=args.top_k)
         print(f"wrote {args.out}/prompt_ablation.md and {args.out}/best_prompts.json")
+    elif args.command == "predict":
+        from .predict import run_predict
+        run_predict(args.weights, args.images, class_names_from(args.classes), args.prompts, args.top_k,
+                    args.true, args.panel)
     elif args.command == "prepare":
         from .data import prepare_splits
         report = prepare_splits(args.csv, args.images, args.out, args.test_per_class, args.seed)

@@ -41,20 +41,21 @@ class TextTransformer(nn.Module):
             raise ValueError(f"text has {L} tokens but the model's context is {self.cfg.context_length}; "
                              "tokenize with har_ref.load_tokenizer, which truncates.")
         if self.cfg.pool == "eos":
-            eos = self.eos_positions(input_ids)
+            pool = self.eos_positions(input_ids)
             if self.cfg.causal:
                 # Under a causal mask no position attends to later ones, so everything after
                 # the batch's last pooled token cannot change the output: drop it. CLIP pads to
                 # 77 but prompts are ~10 tokens, so this skips most of the text tower's work.
-                L = int(eos.max()) + 1
+                L = int(pool.max()) + 1
                 input_ids = input_ids[:, :L]
                 attention_mask = None if attention_mask is None else attention_mask[:, :L]
+        else:
+            pool = torch.full((input_ids.shape[0],), L - 1, device=input_ids.device)  # SigLIP: the last position
         x = self.token_embed(input_ids) + self.pos_embed[:L]
-        x = self.transformer(x, attn_mask=self.attention_bias(attention_mask, L, x.dtype),
-                             is_causal=self.cfg.causal and attention_mask is None)
-        x = self.ln_final(x)
-        pooled = x[torch.arange(x.shape[0], device=x.device), eos] if self.cfg.pool == "eos" else x[:, -1]
-        return self.proj(pooled)
+        # Only the pooled position is read: the last block computes just that row (layers.py).
+        pooled = self.transformer(x, attn_mask=self.attention_bias(attention_mask, L, x.dtype),
+                                  is_causal=self.cfg.causal and attention_mask is None, pool=pool)
+        return self.proj(self.ln_final(pooled))
 
     def attention_bias(self, attention_mask: torch.Tensor | None, L: int, dtype: torch.dtype):
         """Additive mask [B, 1, L, L]: 0 where a query may attend to a key, dtype-min elsewhere.

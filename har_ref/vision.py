@@ -98,9 +98,8 @@ class VisionTransformer(nn.Module):
         if self.cfg.pool == "cls":
             x = torch.cat([self.class_token.expand(B, 1, D).to(x.dtype), x], dim=1)
         x = x + self.position_embedding(gh, gw).to(x.dtype)
-        if self.cfg.pool == "cls":
-            x = self.ln_pre(x)
-        x = self.transformer(x)
-        if self.cfg.pool == "cls":
-            return self.proj(self.ln_post(x[:, 0]))  # CLIP: LayerNorm only the class token
-        return self.head(self.ln_post(x))
+        if self.cfg.pool == "map":
+            return self.head(self.ln_post(self.transformer(x)))  # SigLIP: the head attends to every token
+        # CLIP reads only the class token (position 0): the last block computes just that row (layers.py).
+        cls = self.transformer(self.ln_pre(x), pool=torch.zeros(B, dtype=torch.long, device=x.device))
+        return self.proj(self.ln_post(cls))

@@ -4,7 +4,7 @@ Upstream models are built with random weights (seeded), saved with `save_pretrai
 converted with `weights_conversion hf`, and loaded with `har_ref.load_model`.
 Tolerance (fp32): max |difference| of L2-normalized embeddings <= 1e-5, logits <= 1e-4
 (logits are scaled by exp(logit_scale) and shifted by the bias, so they carry ~100x the
-embedding error). Run with `pytest -s` to see the differences measured.
+embedding error). The differences measured are listed in the "measured" section of the pytest summary.
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def text_batch(vocab: int, length: int, eos_id: int | None, bos_id: int | None, 
     return ids, mask
 
 
-def compare(up, ours, pixel_values, input_ids, attention_mask, label):
+def compare(up, ours, pixel_values, input_ids, attention_mask, label, measured):
     up.eval()
     with torch.no_grad():
         for mask in (None, attention_mask):
@@ -84,8 +84,8 @@ def compare(up, ours, pixel_values, input_ids, attention_mask, label):
             d_img = (F.normalize(up_img, dim=-1) - F.normalize(img, dim=-1)).abs().max().item()
             d_txt = (F.normalize(up_txt, dim=-1) - F.normalize(txt, dim=-1)).abs().max().item()
             d_log = (up_logits - logits).abs().max().item()
-            print(f"[parity] {label} mask={mask is not None}: image {d_img:.2e}, text {d_txt:.2e}, "
-                  f"logits {d_log:.2e}")
+            measured(f"[parity] {label} mask={mask is not None}: image {d_img:.2e}, text {d_txt:.2e}, "
+                     f"logits {d_log:.2e}")
             assert d_img <= EMB_TOL and d_txt <= EMB_TOL and d_log <= LOGIT_TOL
             # the projections themselves, not only their directions
             torch.testing.assert_close(img, up_img, atol=1e-4, rtol=1e-4)
@@ -113,7 +113,7 @@ def small_siglip(act="gelu_pytorch_tanh"):
 
 
 @pytest.mark.parametrize("eos_token_id", [99, 2], ids=["eos-first-occurrence", "legacy-argmax"])
-def test_clip_small_odd_sizes(tmp_path, eos_token_id):
+def test_clip_small_odd_sizes(tmp_path, eos_token_id, measured):
     torch.manual_seed(0)
     up = CLIPModel(small_clip(eos_token_id))
     ours = convert_upstream(up, tmp_path)
@@ -121,24 +121,24 @@ def test_clip_small_odd_sizes(tmp_path, eos_token_id):
     # legacy rule pools at argmax(ids): the end token must have the largest id, as in CLIP's BPE
     ids, mask = text_batch(100, 19, eos_id=99, bos_id=98, eos_positions=[18, 4, 9, 1])
     x = torch.randn(4, 3, 40, 40)
-    compare(up, ours, x, ids, mask, f"CLIP small eos={eos_token_id}")
+    compare(up, ours, x, ids, mask, f"CLIP small eos={eos_token_id}", measured)
 
 
 @pytest.mark.parametrize("act", ["gelu_pytorch_tanh", "gelu", "quick_gelu"])
-def test_siglip_small_odd_sizes(tmp_path, act):
+def test_siglip_small_odd_sizes(tmp_path, act, measured):
     torch.manual_seed(1)
     up = SiglipModel(small_siglip(act))
     ours = convert_upstream(up, tmp_path)
     ids, mask = text_batch(101, 13, eos_id=1, bos_id=None, eos_positions=[12, 3, 7])
     x = torch.randn(3, 3, 36, 36)
-    compare(up, ours, x, ids, mask, f"SigLIP small act={act}")
+    compare(up, ours, x, ids, mask, f"SigLIP small act={act}", measured)
     # the padding mask really changes SigLIP's text embedding (it attends to padding otherwise)
     with torch.no_grad():
         assert not torch.allclose(ours.encode_text(ids, mask), ours.encode_text(ids))
 
 
 @pytest.mark.parametrize("family", ["clip", "siglip"])
-def test_position_interpolation_matches_upstream(tmp_path, family):
+def test_position_interpolation_matches_upstream(tmp_path, family, measured):
     torch.manual_seed(2)
     up = CLIPModel(small_clip()) if family == "clip" else SiglipModel(small_siglip())
     ours = convert_upstream(up, tmp_path).eval()
@@ -148,7 +148,7 @@ def test_position_interpolation_matches_upstream(tmp_path, family):
         ref = up.get_image_features(pixel_values=x, interpolate_pos_encoding=True)
         ref = getattr(ref, "pooler_output", ref)
         diff = (F.normalize(ref, dim=-1) - F.normalize(ours.encode_image(x), dim=-1)).abs().max().item()
-    print(f"[parity] {family} interpolated positions {size}: image {diff:.2e}")
+    measured(f"[parity] {family} interpolated positions {size}: image {diff:.2e}")
     assert diff <= EMB_TOL
 
 
@@ -166,21 +166,21 @@ def real_siglip(tmp_path_factory):
     return up, convert_upstream(up, tmp_path_factory.mktemp("siglip"))
 
 
-def test_clip_real_size(real_clip):
+def test_clip_real_size(real_clip, measured):
     up, ours = real_clip
     assert ours.num_params() == sum(p.numel() for p in up.parameters()) == 151_277_313
     ids, mask = text_batch(49408, 77, eos_id=49407, bos_id=49406, eos_positions=[76, 5, 12])
     x = torch.randn(3, 3, 224, 224)
-    compare(up, ours, x, ids, mask, "CLIP ViT-B/32 real size")
+    compare(up, ours, x, ids, mask, "CLIP ViT-B/32 real size", measured)
 
 
-def test_siglip_real_size(real_siglip):
+def test_siglip_real_size(real_siglip, measured):
     up, ours = real_siglip
     assert ours.num_params() == sum(p.numel() for p in up.parameters())
-    print(f"[parity] SigLIP base/16-224 parameters: {ours.num_params():,}")
+    measured(f"[parity] SigLIP base/16-224 parameters: {ours.num_params():,}")
     ids, mask = text_batch(32000, 64, eos_id=1, bos_id=None, eos_positions=[63, 6, 15])
     x = torch.randn(3, 3, 224, 224)
-    compare(up, ours, x, ids, mask, "SigLIP base/16-224 real size")
+    compare(up, ours, x, ids, mask, "SigLIP base/16-224 real size", measured)
 
 
 def test_logit_parameters_are_learnable_scalars(real_siglip):

@@ -76,7 +76,7 @@ def converted(upstream, tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_embeddings_and_logits_match_open_clip(upstream, converted, arch):
+def test_embeddings_and_logits_match_open_clip(upstream, converted, arch, measured):
     ours = har_ref.load_model(converted[arch])
     with torch.no_grad():
         img = F.normalize(ours.encode_image(upstream["images"]), dim=-1)
@@ -86,14 +86,14 @@ def test_embeddings_and_logits_match_open_clip(upstream, converted, arch):
     d_img = (img - up_img).abs().max().item()
     d_txt = (txt - up_txt).abs().max().item()
     d_log = (logits - up_logits).abs().max().item()
-    print(f"[open_clip parity] {arch}: image {d_img:.2e}, text {d_txt:.2e}, logits {d_log:.2e}")
+    measured(f"[open_clip parity] {arch}: image {d_img:.2e}, text {d_txt:.2e}, logits {d_log:.2e}")
     assert d_img <= EMB_TOL and d_txt <= EMB_TOL and d_log <= LOGIT_TOL
     # the tolerance is meaningful: the same weights under the other activation are far off
     other_img, other_txt, _ = upstream["outputs"][ARCHS[1 - ARCHS.index(arch)]]
     assert (img - other_img).abs().max() > 1e-3 and (txt - other_txt).abs().max() > 1e-3
 
 
-def test_siglip_matches_open_clip():
+def test_siglip_matches_open_clip(measured):
     torch.manual_seed(0)
     up = open_clip.create_model("ViT-B-16-SigLIP", pretrained=None).eval()
     images = torch.randn(2, 3, 224, 224)
@@ -115,7 +115,7 @@ def test_siglip_matches_open_clip():
     d_img = (img - up_img).abs().max().item()
     d_txt = (txt - up_txt).abs().max().item()
     d_log = (logits - up_logits).abs().max().item()
-    print(f"[open_clip parity] ViT-B-16-SigLIP: image {d_img:.2e}, text {d_txt:.2e}, logits {d_log:.2e}")
+    measured(f"[open_clip parity] ViT-B-16-SigLIP: image {d_img:.2e}, text {d_txt:.2e}, logits {d_log:.2e}")
     assert d_img <= EMB_TOL and d_txt <= EMB_TOL and d_log <= LOGIT_TOL
 
 

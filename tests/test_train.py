@@ -170,7 +170,7 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize("model", ["clip", "siglip"])
-def test_torchrun_two_ranks_equals_one_process(model, clip_weights, siglip_weights, data_dir, tmp_path):
+def test_torchrun_two_ranks_equals_one_process(model, clip_weights, siglip_weights, data_dir, tmp_path, measured):
     """`torchrun --nproc_per_node 2 -m har_ref train` (gloo, CPU): 2 ranks x 4 images per step train
     the same weights as 1 process x 8 images, XBM included; only rank 0 writes the run."""
     import os
@@ -194,5 +194,5 @@ def test_torchrun_two_ranks_equals_one_process(model, clip_weights, siglip_weigh
     assert len((tmp_path / "ddp" / "log.jsonl").read_text().splitlines()) == 1
     a, b = load_file(str(tmp_path / "single" / "model.safetensors")), load_file(str(tmp_path / "ddp" / "model.safetensors"))
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    print(f"[ddp] {model}: max |single - 2 ranks| over all weights after 7 steps: {worst:.2e}")
+    measured(f"[ddp] {model}: max |single - 2 ranks| over all weights after 7 steps: {worst:.2e}")
     assert worst < 1e-5

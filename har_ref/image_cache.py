@@ -1,0 +1,177 @@
+"""Preprocessed image cache: decode and resize every image once, read uint8 pixels afterwards.
+
+On a CPU, decoding and resizing a ~300x400 JPEG costs more than the rest of the data path, and
+without a cache it is paid again every epoch. `CachedImageDataset` pays it once: the output of
+`to_uint8_resized` (the eval transform before normalisation, uint8 [3, S, S]) is stored in a
+memory-mapped file, and every later read is a copy of 3*S*S bytes. Normalisation, and in
+training the random crop and flip, are applied on top at read time.
+
+Files, in the cache directory given by the user (one pair per transform, so CLIP and SigLIP,
+or two image sizes, never share pixels):
+
+    {resize}_{S}.u8    uint8 [slots, 3, S, S], append-only
+    {resize}_{S}.json  {"format", "resize", "image_size", "slots",
+                        "entries": {absolute path: {"size", "mtime_ns", "slot" | "error"}}}
+
+An entry is reused only when the file's path, size in bytes and modification time (ns) all
+match; anything else is decoded again into a new slot (old slots are never rewritten, and the
+index is written after the pixels, so an interrupted build cannot leave an entry pointing at the
+wrong pixels). Images that cannot be decoded are skipped and recorded, like ImageFolderDataset.
+The cache reflects the files at construction time; one process should build a given cache
+directory at a time (under DDP, construct the dataset on rank 0 first).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from .config import ModelConfig
+from .transforms import load_image, normalize_uint8, to_uint8_resized
+
+FORMAT = 1
+# The training augmentation of transforms.build_transform (crop scale 0.6-1, bicubic, flip),
+# applied here to the cached S x S image instead of the full-size original.
+CROP_SCALE = (0.6, 1.0)
+
+
+def _file_key(path: str) -> tuple[int, int] | None:
+    """(size in bytes, modification time in ns) of `path`, or None if it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+class CachedImageDataset(Dataset):
+    """(pixels float32 [3, S, S], class_id, index) for (path, class_id) items, read from the cache.
+
+    Same contract as data.ImageFolderDataset with transforms.build_transform(cfg, train=augment,
+    augment=augment): `items` are the readable items in the given order, `skipped` lists
+    (path, reason) for the rest, `index` is the position in `items`. Without augmentation the
+    pixels are bit-identical to that dataset's.
+    """
+
+    def __init__(self, items: Sequence[tuple[str, int]], cfg: ModelConfig, cache_dir: str | Path,
+                 augment: bool = False):
+        self.cfg, self.augment = cfg, augment
+        self.size = cfg.vision.image_size
+        cache_dir = Path(cache_dir)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"Cannot create the image cache directory {cache_dir} ({e}); "
+                             "pass a writable directory as the cache directory.") from e
+        name = f"{cfg.resize}_{self.size}"
+        self.pixels_path, self.index_path = cache_dir / f"{name}.u8", cache_dir / f"{name}.json"
+        paths = [os.path.abspath(path) for path, _ in items]
+        self.decoded = 0  # images decoded by this construction (0 when the cache was complete)
+        entries = self._build(paths)
+        self.items: list[tuple[str, int]] = []
+        self.slots: list[int] = []  # row of each item in the pixel file
+        self.skipped: list[tuple[str, str]] = []
+        for (given, class_id), path in zip(items, paths):
+            entry = entries[path]
+            if "error" in entry:
+                self.skipped.append((str(given), entry["error"]))
+            else:
+                self.items.append((str(given), class_id))
+                self.slots.append(entry["slot"])
+        if not self.items:
+            raise ValueError(f"None of the {len(items)} images could be read (first: {self.skipped[:1]}); "
+                             "check the data directory.")
+        self.crop_and_flip = v2.Compose([
+            v2.RandomResizedCrop(self.size, scale=CROP_SCALE, interpolation=v2.InterpolationMode.BICUBIC,
+                                 antialias=True),
+            v2.RandomHorizontalFlip(),
+        ])
+        self._pixels = None  # opened lazily, so that each DataLoader worker maps the file itself
+
+    # ------------------------------------------------------------------ building
+
+    def _load_index(self) -> dict:
+        """The stored index if it belongs to this transform and matches the pixel file, else an empty one."""
+        empty = {"format": FORMAT, "resize": self.cfg.resize, "image_size": self.size, "slots": 0, "entries": {}}
+        try:
+            index = json.loads(self.index_path.read_text())
+        except (OSError, ValueError):
+            return empty
+        same_transform = (index.get("format"), index.get("resize"), index.get("image_size")) == \
+            (FORMAT, self.cfg.resize, self.size)
+        on_disk = self.pixels_path.stat().st_size if self.pixels_path.exists() else -1
+        if not same_transform or on_disk < index.get("slots", 0) * self.slot_bytes:
+            return empty  # another transform or a truncated pixel file: start over
+        return index
+
+    @property
+    def slot_bytes(self) -> int:
+        return 3 * self.size * self.size
+
+    def _build(self, paths: list[str]) -> dict:
+        """Decode what the index lacks or holds stale; return the index entries (path -> entry)."""
+        index = self._load_index()
+        entries = index["entries"]
+        todo = []
+        for path in dict.fromkeys(paths):  # each path once, in order
+            key = _file_key(path)
+            entry = entries.get(path)
+            if key is None:  # missing or unreadable: report it, do not cache it
+                entries[path] = {"error": f"FileNotFoundError: {path} cannot be opened"}
+            elif entry is None or (entry.get("size"), entry.get("mtime_ns")) != key:
+                todo.append((path, key))
+        if todo:
+            self._decode(todo, index)
+        self.decoded = len(todo)
+        return entries
+
+    def _decode(self, todo: list[tuple[str, tuple[int, int]]], index: dict) -> None:
+        print(f"image cache: decoding {len(todo)} images into {self.pixels_path} (once; later runs reuse it)",
+              flush=True)
+        slot, step = index["slots"], max(1, len(todo) // 10)
+        with open(self.pixels_path, "ab") as f:
+            f.truncate(slot * self.slot_bytes)  # drop the tail of an interrupted build
+            for i, (path, (size, mtime_ns)) in enumerate(todo):
+                try:
+                    pixels = to_uint8_resized(load_image(path), self.cfg)
+                except Exception as e:  # any failure to decode makes the image unusable (data.image_problem)
+                    index["entries"][path] = {"size": size, "mtime_ns": mtime_ns, "error": str(e)}
+                else:
+                    f.write(pixels.numpy().tobytes())
+                    index["entries"][path] = {"size": size, "mtime_ns": mtime_ns, "slot": slot}
+                    slot += 1
+                if (i + 1) % step == 0 or i + 1 == len(todo):
+                    print(f"image cache: {i + 1}/{len(todo)}", flush=True)
+        index["slots"] = slot
+        tmp = self.index_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, self.index_path)  # the index only ever names pixels already written
+
+    # ------------------------------------------------------------------ reading
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers (fork or spawn) map the file themselves instead of inheriting a map.
+        return {**self.__dict__, "_pixels": None}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def uint8(self, index: int) -> torch.Tensor:
+        """The cached uint8 [3, S, S] pixels of item `index` (eval transform before normalisation)."""
+        if self._pixels is None:
+            slots = self.pixels_path.stat().st_size // self.slot_bytes
+            self._pixels = np.memmap(self.pixels_path, dtype=np.uint8, mode="r",
+                                     shape=(slots, 3, self.size, self.size))
+        return torch.from_numpy(np.array(self._pixels[self.slots[index]]))  # a copy: the map is read-only
+
+    def __getitem__(self, index: int):
+        pixels = self.uint8(index)
+        if self.augment:
+            pixels = self.crop_and_flip(pixels)
+        return normalize_uint8(pixels, self.cfg), self.items[index][1], index

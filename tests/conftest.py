@@ -1,0 +1,22 @@
+"""Shared test plumbing: measured differences are printed in the summary of every run.
+
+Tests call `measured("...")` with what they found (e.g. the max |difference| against upstream),
+so `make test` shows the numbers, not only that they were within tolerance.
+"""
+from __future__ import annotations
+
+import pytest
+
+_MEASURED: list[str] = []
+
+
+@pytest.fixture()
+def measured():
+    return _MEASURED.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _MEASURED:
+        terminalreporter.section("measured")
+        for line in _MEASURED:
+            terminalreporter.write_line(line)
