@@ -102,3 +102,9 @@ def gather_from_other_ranks(x: Tensor) -> Tensor:
     gathered = gather_with_grad(x)
     start = rank() * x.shape[0]
     return torch.cat([gathered[:start], gathered[start + x.shape[0]:]], dim=0)
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if is_distributed():
+        dist.barrier()

@@ -30,6 +30,7 @@ from . import distributed as dist
 from .checkpoint import load_training_state, save_training_state
 from .data import ImageFolderDataset, PromptBank, build_splits, make_train_loader
 from .evaluate import evaluate_model
+from .image_cache import CachedImageDataset
 from .losses import balanced_pos_weight, clamp_logit_scale_, clip_loss, siglip_loss
 from .model import DualEncoder, load_model, save_model
 from .optim import autocast, build_optimizer, grad_scaler, resolve_precision, warmup_cosine
@@ -87,8 +88,7 @@ class Trainer:
         self.model.set_grad_checkpointing(cfg.grad_checkpointing)
         self.tokenizer = load_tokenizer(self.weights)
         train_items, _, self.class_names = build_splits(self.data)
-        transform = build_transform(self.model.cfg, train=True, augment=cfg.augment)
-        self.dataset = ImageFolderDataset(train_items, transform)
+        self.dataset = self.build_dataset(train_items)
         self.loader = make_train_loader(self.dataset, cfg.micro_batch, cfg.workers, cfg.seed)
         self.prompts = PromptSampler(PromptBank.from_file(cfg.prompts, self.class_names), self.class_names,
                                      self.tokenizer, self.device, cfg.seed)
@@ -108,6 +108,17 @@ class Trainer:
                     if cfg.xbm_size else None)
         self.step = self.micro_step = self.epoch = 0
         self.pending: list[tuple] = []  # cached mode: micro-batches of the optimizer step in progress
+
+    def build_dataset(self, items):
+        """Decoded from the image files every epoch, or read from the preprocessed uint8 cache."""
+        if self.cfg.cache_dir is None:
+            return ImageFolderDataset(items, build_transform(self.model.cfg, train=True, augment=self.cfg.augment))
+        if not self.main:  # rank 0 builds the cache, the others read the finished one
+            dist.barrier()
+        dataset = CachedImageDataset(items, self.model.cfg, self.cfg.cache_dir, augment=self.cfg.augment)
+        if self.main:
+            dist.barrier()
+        return dataset
 
     # ---------------------------------------------------------------- loss
     def loss(self, image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

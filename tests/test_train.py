@@ -196,3 +196,14 @@ def test_torchrun_two_ranks_equals_one_process(model, clip_weights, siglip_weigh
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     measured(f"[ddp] {model}: max |single - 2 ranks| over all weights after 7 steps: {worst:.2e}")
     assert worst < 1e-5
+
+
+def test_cached_images_train_like_decoded_images(clip_weights, data_dir, tmp_path):
+    """--cache-dir reads the same pixels as decoding every epoch: identical training logs."""
+    decoded = train(tiny_cfg("clip", epochs=1), clip_weights, data_dir, tmp_path / "decoded")
+    cached = train(tiny_cfg("clip", epochs=1, cache_dir=str(tmp_path / "cache")), clip_weights, data_dir,
+                   tmp_path / "cached")
+    assert (tmp_path / "cache").is_dir() and any((tmp_path / "cache").iterdir())
+    log = [json.loads((tmp_path / run / "log.jsonl").read_text()) for run in ("decoded", "cached")]
+    assert abs(log[0]["loss"] - log[1]["loss"]) < 1e-6
+    assert decoded["accuracy"] == cached["accuracy"]
