@@ -138,9 +138,11 @@ def run(args) -> None:
         from .data import prepare_splits
         report = prepare_splits(args.csv, args.images, args.out, args.test_per_class, args.seed)
         print(f"wrote {args.out}/train and {args.out}/test; report in {args.out}/prepare_report.json")
-        for key in ("missing_files", "duplicates", "unknown_labels"):
-            if report.get(key):
-                print(f"  {key}: {len(report[key])} (see prepare_report.json)")
+        for key, problem in report.items():
+            if isinstance(problem, dict) and problem.get("count"):
+                print(f"  {key}: {problem['count']} (examples in prepare_report.json)")
+        if "note" in report:
+            print(f"  note: {report['note']}")
     elif args.command == "synth":
         from .synthetic import generate
         generate(args.out, train_per_class=args.train_per_class, test_per_class=args.test_per_class, seed=args.seed)

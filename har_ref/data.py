@@ -94,7 +94,8 @@ class PromptBank:
                 per_class[key, name] = _check_templates(value, path, f"'{key}'[{name!r}]", exactly_one=False)
         prompts = {}
         for name in class_names:
-            templates = per_class.get(("replace_templates", name)) or generic + per_class.get(("class_templates", name), [])
+            templates = (per_class.get(("replace_templates", name))
+                         or generic + per_class.get(("class_templates", name), []))
             prompts[name] = [t.replace("{}", class_phrase(name)) for t in templates]
         return cls(class_names, prompts)
 
@@ -164,8 +165,8 @@ def build_splits(data_dir: str | Path) -> tuple[list[tuple[str, int]], list[tupl
 def image_problem(path: str | Path) -> str | None:
     """Why PIL cannot decode `path`, or None if it can.
 
-    The file is decoded fully, but JPEGs in draft mode (DCT scaling to ~1/8 size): every byte is
-    still entropy-decoded, so truncation is caught, at a fraction of the cost of a full decode.
+    The file is decoded fully, JPEGs in draft mode (DCT scaling to ~1/8 size): every byte is still
+    entropy-decoded, so truncation is caught, while the inverse DCT works on 1/64 of the pixels.
     """
     try:
         with Image.open(path) as image:
@@ -179,12 +180,13 @@ def image_problem(path: str | Path) -> str | None:
 class ImageFolderDataset(Dataset):
     """(pixels, class_id, index) for a list of (path, class_id) items.
 
-    Bad files are found once, up front: every file is decoded (see `image_problem`; one thread per
-    core, so about the cost of one epoch's decoding) at construction; the ones that fail are dropped and listed in `self.skipped` as (path, reason), for
-    the caller to report (evaluate.py writes them to metrics.json). `index` is the position in
-    `self.items` after skipping, so predictions map back to files. A file that fails later (changed
-    on disk during a run) makes __getitem__ raise load_image's error, which names it: substituting
-    another image would silently change the data a metric is computed on.
+    Bad files are found once, up front: every file is decoded at construction (see `image_problem`;
+    one thread per core, so about the cost of one epoch's decoding); the ones that fail are dropped
+    and listed in `self.skipped` as (path, reason) for the caller to report (evaluate.py writes
+    them to metrics.json). `index` is the position in `self.items` after skipping, so predictions
+    map back to files. A file that fails later (changed on disk during a run) makes __getitem__
+    raise load_image's error, which names it: substituting another image would silently change
+    the data a metric is computed on.
     """
 
     def __init__(self, items: Sequence[tuple[str, int]], transform: Callable):
@@ -231,7 +233,8 @@ def make_train_loader(dataset: Dataset, batch_size: int, workers: int, seed: int
     sampler = DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=True,
                                  seed=seed, drop_last=drop_last)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      drop_last=drop_last, generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0,
+                      drop_last=drop_last, generator=torch.Generator().manual_seed(seed),
+                      persistent_workers=workers > 0,
                       pin_memory=torch.cuda.is_available())
 
 

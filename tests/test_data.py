@@ -178,7 +178,7 @@ def epochs(loader, n=2):
 
 def test_train_loader_reproducible_with_workers(ten_images):
     dataset = ImageFolderDataset(ten_images, NoisyTransform())
-    np.random.seed(0), random.seed(0)  # the workers inherit these states: seed_worker must replace them
+    np.random.seed(0), random.seed(0)  # the workers inherit these states: the loader must reseed them
     a = epochs(make_train_loader(dataset, batch_size=4, workers=2, seed=3))
     np.random.seed(1), random.seed(1)
     b = epochs(make_train_loader(dataset, batch_size=4, workers=2, seed=3))
@@ -256,8 +256,10 @@ def test_prepare_splits_stratified_linked_and_reported(tmp_path, flat):
     assert report["classes"] == {"running": {"train": 6, "test": 2}, "sitting": {"train": 5, "test": 2},
                                  "using_laptop": {"train": 6, "test": 2}}
     assert report["rows"] == 29 and report["used"] == 23 and report["link_used"] == ["symlink"]
-    assert report["duplicate_rows"]["count"] == 1 and report["duplicate_rows"]["examples"][0]["filename"] == first_running
-    assert report["conflicting_labels"]["examples"] == [{"line": 27, "filename": first_sitting, "label": "using_laptop"}]
+    assert report["duplicate_rows"]["count"] == 1
+    assert report["duplicate_rows"]["examples"][0]["filename"] == first_running
+    assert report["conflicting_labels"]["examples"] == [{"line": 27, "filename": first_sitting,
+                                                         "label": "using_laptop"}]
     assert report["missing_files"]["examples"][0]["filename"] == "Image_404.png"
     assert [e["label"] for e in report["invalid_rows"]["examples"]] == ["", "using laptop"]
     assert report["unlisted_files"] == {"count": 1, "examples": ["Image_97.png"]}
