@@ -46,9 +46,7 @@ def tiny_config(family: str, tok: dict) -> ModelConfig:
                         eos_token_id=tok["eos_token_id"], eos_by_argmax=clip, pad_token_id=tok["pad_token_id"],
                         proj_bias=not clip),
         logit_scale_init=2.6592 if clip else 2.302585092994046,
-        # SigLIP sec. 3.2 starts b at -10 for batches of 32k, where nearly every pair is negative; a
-        # demo batch of 64 over 15 classes has ~4 positives per row, log-odds about -2.7.
-        logit_bias_init=None if clip else -2.7,
+        logit_bias_init=None if clip else -10.0,  # SigLIP sec. 3.2: t = log 10, b = -10
         image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
         resize="shortest_edge" if clip else "square")
 
