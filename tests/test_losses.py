@@ -8,13 +8,7 @@ import torch.nn.functional as F
 from har_ref.losses import (balanced_pos_weight, clamp_logit_scale_, clip_loss, positive_mask,
                             siglip_loss)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: handing work to a second thread costs ~40x the math on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 B, M, D = 6, 5, 4

@@ -25,12 +25,7 @@ from har_ref.train_config import TrainConfig  # noqa: E402
 from weights_conversion.hf import convert_hf  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops on a shared 2-core machine run faster single-threaded
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,7 @@ from har_ref.xbm import CrossBatchMemory
 from test_losses import naive_clip_loss, naive_siglip_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rows(ids, dim=3):
