@@ -335,7 +335,7 @@ def plot_loss_curves(curves: dict[str, Sequence[float]], path, title: str = "Tra
     values = [v for curve in curves.values() for v in curve]
     epochs = max(len(curve) for curve in curves.values())
     y_ticks = nice_ticks(min(values), max(values))
-    x_ticks = list(range(1, epochs + 1)) if epochs <= 15 else [t for t in nice_ticks(1, epochs) if t >= 1]
+    x_ticks = list(range(1, epochs + 1, math.ceil(epochs / 12)))  # whole epochs, all inside the axis
     digits = _decimals(y_ticks)
     chart = _new_chart(title, [(name, colors[name], "line") for name in curves], x_ticks, y_ticks,
                        [f"{t:g}" for t in x_ticks], [f"{t:.{digits}f}" for t in y_ticks], "Epoch", ylabel,
