@@ -107,13 +107,18 @@ def peak_memory_mib(fn: Callable[[], None]) -> float | None:
 
 
 def warm_process(precisions: list[str]) -> None:
-    """Pay the process's first-use costs (autograd, autocast, SDPA kernels) before any model is measured."""
-    layer = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64), torch.nn.GELU())
+    """Pay the process's first-use costs before any model is measured, at ViT-B sizes: MKL/oneDNN
+    keep their first big matmul's and convolution's buffers, which would be billed to whoever ran first."""
+    linear, norm, embed = torch.nn.Linear(768, 3072), torch.nn.LayerNorm(3072), torch.nn.Embedding(49408, 768)
+    ids = torch.randint(0, 49408, (8, 196))
     for precision in precisions:
         with autocast(precision, CPU):
-            x = layer(torch.randn(2, 4, 16, 64))
-            y = F.scaled_dot_product_attention(x, x, x)
-        y.float().sum().backward()
+            h = norm(linear(embed(ids))).view(8, 196, 12, 256).transpose(1, 2)
+            y = F.scaled_dot_product_attention(h, h, h, attn_mask=torch.ones(196, 196, dtype=torch.bool).tril()).sum()
+            for patch in (16, 32):
+                conv = torch.nn.Conv2d(3, 768, patch, patch)
+                y = y + conv(torch.randn(8, 3, 224, 224)).sum()
+        y.float().backward()
 
 
 def interleaved(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, dict]:

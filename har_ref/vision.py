@@ -91,10 +91,24 @@ class VisionTransformer(nn.Module):
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid_h * grid_w, D)
         return torch.cat([self.pos_embed[:1], patch_pos]) if has_cls else patch_pos
 
+    def embed_patches(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """[B, C, H, W] -> [B, gh*gw, D]: each p x p patch, flattened, times E (ViT eq. 1), and the grid size.
+
+        E is stored as the equivalent stride-p Conv2d's weight [D, C, p, p] (upstream's layout), but
+        applied as one matmul: on the CPU the convolution's backward needs twice the memory (oneDNN
+        weight-layout copies) for no gain in speed. Like the convolution, it drops a partial last patch.
+        """
+        p = self.cfg.patch_size
+        B, C, H, W = pixel_values.shape
+        gh, gw = H // p, W // p
+        patches = pixel_values[:, :, :gh * p, :gw * p].reshape(B, C, gh, p, gw, p)
+        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * p * p)  # rows in (c, y, x) order
+        weight = self.patch_embed.weight
+        return F.linear(patches.to(weight.dtype), weight.flatten(1), self.patch_embed.bias), gh, gw
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # [B, D, gh, gw]
-        B, D, gh, gw = x.shape
-        x = x.flatten(2).transpose(1, 2)  # [B, gh*gw, D]
+        x, gh, gw = self.embed_patches(pixel_values)
+        B, _, D = x.shape
         if self.cfg.pool == "cls":
             x = torch.cat([self.class_token.expand(B, 1, D).to(x.dtype), x], dim=1)
         x = x + self.position_embedding(gh, gw).to(x.dtype)
