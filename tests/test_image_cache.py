@@ -25,13 +25,7 @@ CONFIGS = {"clip": replace(clip_vit_b32(), vision=replace(clip_vit_b32().vision,
 IMAGE_SIZES = [(61, 40), (37, 75), (48, 48), (90, 13), (20, 27)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Per-image tensors are tiny: on a busy 2-core machine torch's thread pool only slows them down.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_image(path, width, height, seed, mode="RGB"):

@@ -30,13 +30,7 @@ SMALL_TEXT = dict(vocab_size=1000, context_length=32, width=256, layers=6, heads
                   eos_token_id=999, pad_token_id=999)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small matmuls: on a busy 2-core machine every op of a 2-thread pool waits for a time slice.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_model(family: str) -> DualEncoder:
