@@ -17,15 +17,14 @@ Every model gets the ids alone, as train.py passes them (CLIP pools a causal tow
 end-of-text token, so padding cannot change it; SigLIP was trained attending to padding).
 
 Timing: one process, torch.set_num_threads(2) for everyone, one warm-up call per step, then
-rounds interleaved A B C D, D C B A, ...; medians. Peak memory: resident memory added during the
-warm-up call (Linux: freed heap returned with malloc_trim, then the kernel's high-water mark is
-reset through /proc/self/clear_refs and read from /proc/self/status).
+rounds interleaved A B C D, D C B A, ...; medians. Peak memory: the most tensor memory alive at
+any moment of the warm-up call, from the profiler's allocation and free events (exact, and blind
+to the C allocator's caching, which an RSS reading would mix in).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import gc
 import io
 import json
@@ -63,47 +62,21 @@ BATCH = 8
 
 # ----------------------------------------------------------------------------- measuring
 
-def _proc_status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise OSError(f"/proc/self/status has no {field}")
+def peak_memory_mib(fn: Callable[[], None]) -> float:
+    """Run fn() once; the peak of the tensor memory it had allocated at any moment, in MiB.
 
-
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return None
-
-
-LIBC = _libc()
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-
-
-def peak_memory_mib(fn: Callable[[], None]) -> float | None:
-    """Run fn() once; the resident memory it added at its peak, in MiB (None where /proc cannot tell).
-
-    During the call every allocation above 256 KiB (every tensor that matters) gets its own mapping,
-    returned to the kernel when freed, so the resident size follows the live tensors instead of
-    glibc's heap fragmentation. Afterwards glibc's thresholds are pinned at the values its dynamic
-    policy reaches on this workload (32 MiB mapping, 64 MiB trim), so timed calls are unaffected.
+    Exact and independent of the C allocator's caching and fragmentation: the profiler reports every
+    CPU tensor allocation and free (with its size), and the running sum is taken in time order.
     """
-    gc.collect()
-    if LIBC is not None:
-        LIBC.mallopt(M_MMAP_THRESHOLD, 64 << 10)
-        LIBC.malloc_trim(0)  # return the free heap, so that reusing it counts as new memory
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident size
-        base = _proc_status_kib("VmRSS")
-    except OSError:
-        base = None
-    fn()
-    peak = None if base is None else (_proc_status_kib("VmHWM") - base) / 1024
-    if LIBC is not None:
-        LIBC.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-        LIBC.mallopt(M_TRIM_THRESHOLD, 64 << 20)
-    return peak
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def warm_process(precisions: list[str]) -> None:
@@ -418,13 +391,13 @@ def main(argv: list[str] | None = None) -> int:
           f"bf16 {'native (avx512_bf16/amx)' if cpu_supports_bf16() else 'not native: skipped'}; "
           f"load average at start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
     print(f"time: median of {rounds} interleaved rounds after one warm-up call; speedup = upstream time / "
-          "har-ref time.\nMiB: resident memory added at the peak of the warm-up call "
-          "(malloc_trim, then VmHWM reset via /proc/self/clear_refs).")
+          "har-ref time.\nMiB: the most tensor memory alive at once during the warm-up call "
+          "(torch.profiler allocation and free events; exact, independent of malloc's caching).")
     bank_texts, bank_labels = PromptBank.from_file(None, CLASS_NAMES).all_prompts()
     chosen = random.Random(0).sample(range(len(bank_texts)), BATCH)
     prompts, labels = [bank_texts[i] for i in chosen], torch.tensor([bank_labels[i] for i in chosen])
     results = dict(meta=dict(torch=torch.__version__, threads=THREADS, rounds=rounds, load_start=load_start,
-                             batch=BATCH, prompts=prompts, memory_method="VmHWM - VmRSS after malloc_trim"))
+                             batch=BATCH, prompts=prompts, memory_method="peak of live tensor bytes, torch.profiler memory events"))
     warm_process(precisions)
     with tempfile.TemporaryDirectory(prefix="har_ref_bench_") as tmp:
         work = Path(tmp)

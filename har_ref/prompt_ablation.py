@@ -207,7 +207,7 @@ def write_markdown(path: Path, result: dict) -> None:
     width = min(len(scores[c]) for c in classes)
     out += ["![Prompt heatmap](prompt_heatmap.png)", "",
             f"The heatmap shows the ensemble and the columns every class has (T1-T{width})"
-            + (f"; T{width + 1}-T{len(short)} are in the table only." if width < len(short) else "."),
+            + (f"; {_span(width + 1, len(short))} in the table only." if width < len(short) else "."),
             "", "## Chosen prompts", ""]
     out += [f"- {display_name(c)}: " + "; ".join(f"`{t}`" for t in result["best"][c]) for c in classes]
     out += ["", "## Validation slice: ensemble vs chosen prompts", "",
@@ -295,3 +295,7 @@ def ablate_prompts(weights_dir: str | Path, data_dir: str | Path, out_dir: str |
     write_markdown(out_dir / "prompt_ablation.md", result)
     (out_dir / "prompt_ablation.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _span(first: int, last: int) -> str:
+    return f"T{first} is" if first == last else f"T{first}-T{last} are"

@@ -114,6 +114,7 @@ class VisionTransformer(nn.Module):
         x = x + self.position_embedding(gh, gw).to(x.dtype)
         if self.cfg.pool == "map":
             return self.head(self.ln_post(self.transformer(x)))  # SigLIP: the head attends to every token
+        x = self.ln_pre(x)  # rebinding x frees the pre-norm activations before the blocks run
         # CLIP reads only the class token (position 0): the last block computes just that row (layers.py).
-        cls = self.transformer(self.ln_pre(x), pool=torch.zeros(B, dtype=torch.long, device=x.device))
+        cls = self.transformer(x, pool=torch.zeros(B, dtype=torch.long, device=x.device))
         return self.proj(self.ln_post(cls))
