@@ -93,12 +93,14 @@ class Trainer:
         self.prompts = PromptSampler(PromptBank.from_file(cfg.prompts, self.class_names), self.class_names,
                                      self.tokenizer, self.device, cfg.seed)
         self.precision = resolve_precision(cfg.precision, self.device)
-        self.embed = EmbedBoth(torch.compile(self.model) if cfg.compile else self.model)
+        self.embed = EmbedBoth(self.model)
         if dist.is_distributed():
             if cfg.accum_mode == "cached":
                 raise ValueError("--accum-mode cached is single-process only; under torchrun use independent "
                                  "(every rank's batch is already gathered into one contrastive problem).")
             self.embed = DistributedDataParallel(self.embed)
+        if cfg.compile:  # compiles EmbedBoth.forward, i.e. both towers (compiling the model would only cover logits)
+            self.embed = torch.compile(self.embed)
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay)
         self.steps_per_epoch = len(self.loader) / cfg.accum_steps
         self.total_steps = max(1, int(self.steps_per_epoch * cfg.epochs))
