@@ -35,7 +35,7 @@ compare: setup
 	$(PY) -m har_ref compare runs/clip runs/siglip --out runs/compare
 
 bench: setup
-	$(PY) -m har_ref.bench --out bench.json
+	$(PY) tests/bench.py --out bench.json
 
 clean:
 	rm -rf $(VENV) runs/demo .pytest_cache

@@ -44,16 +44,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import load_model, load_tokenizer
-from .config import clip_vit_b32
-from .data import ImageFolderDataset, PromptBank
-from .image_cache import CachedImageDataset
-from .losses import balanced_pos_weight, clip_loss, siglip_loss
-from .optim import autocast, cpu_supports_bf16
-from .synthetic import CLASS_NAMES, render
-from .tokenizer_training import train_sentencepiece
-from .transforms import build_transform
-from .xbm import CrossBatchMemory
+from har_ref import load_model, load_tokenizer
+from har_ref.config import clip_vit_b32
+from har_ref.data import ImageFolderDataset, PromptBank
+from har_ref.image_cache import CachedImageDataset
+from har_ref.losses import balanced_pos_weight, clip_loss, siglip_loss
+from har_ref.optim import autocast, cpu_supports_bf16
+from har_ref.synthetic import CLASS_NAMES, render
+from har_ref.tokenizer_training import train_sentencepiece
+from har_ref.transforms import build_transform
+from har_ref.xbm import CrossBatchMemory
 
 CPU = torch.device("cpu")
 THREADS = 2
@@ -363,7 +363,7 @@ def check_targets(rows: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m har_ref.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python tests/bench.py", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="bench.json", help="where to write the results (JSON)")
     parser.add_argument("--quick", action="store_true",
                         help="study workload, fp32, 2 rounds, fewer loader images (~3 min)")
