@@ -10,7 +10,7 @@ last token; SigLIP's image tower is the exception, its pooling head reads all of
 computes each output row from the whole input but independently of the other output rows, so
 `Transformer(x, pool=...)` runs the last block for the pooled rows only: keys and values still
 come from every position, while the query projection, attention output, MLP and their backward
-pass shrink from L rows to one. Same result, ~1/12 less work per tower.
+pass shrink from L rows to one. Same result, ~7% less work per 12-block tower.
 """
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    # OpenAI CLIP's sigmoid approximation of GELU: x * sigmoid(1.702 x).
-    return x * torch.sigmoid(1.702 * x)
+    # OpenAI CLIP's sigmoid approximation of GELU: x * sigmoid(1.702 x) = silu(1.702 x) / 1.702.
+    # Through SiLU's fused kernel: faster, and autograd keeps one tensor for backward instead of two.
+    return F.silu(1.702 * x) / 1.702
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -67,16 +68,16 @@ class SelfAttention(nn.Module):
                 rows: torch.Tensor | None = None) -> torch.Tensor:
         """[B, L, D] -> [B, L, D]; with `rows` ([B]) only the output at those positions, [B, 1, D]."""
         B, L, D = x.shape
-        shape = (B, -1, self.heads, D // self.heads)
+        h, d = self.heads, D // self.heads
         if rows is None:
             # unbind(2) (not a permute to [3, B, h, L, d]): the backward then stacks the q, k, v
             # gradients straight into qkv's [B, L, 3D] layout, saving a copy per block.
-            q, k, v = self.qkv(x).view(B, L, 3, *shape[2:]).unbind(2)
+            q, k, v = self.qkv(x).view(B, L, 3, h, d).unbind(2)
         else:
             w_q, w_kv = self.qkv.weight.split([D, 2 * D])
             b_q, b_kv = self.qkv.bias.split([D, 2 * D])
-            q = F.linear(take_rows(x, rows), w_q, b_q).view(shape)
-            k, v = F.linear(x, w_kv, b_kv).view(B, L, 2, *shape[2:]).unbind(2)
+            q = F.linear(take_rows(x, rows), w_q, b_q).view(B, 1, h, d)
+            k, v = F.linear(x, w_kv, b_kv).view(B, L, 2, h, d).unbind(2)
         # softmax(q k^T / sqrt(d_head) + mask) v  (Vaswani et al. 2017, eq. 1); scale is SDPA's default.
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=attn_mask, is_causal=is_causal)
