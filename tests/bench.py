@@ -108,10 +108,11 @@ def interleaved(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, 
     return result
 
 
-def paired_speedup(ours: dict, theirs: dict) -> float:
-    """Median over rounds of upstream time / har-ref time, each ratio from calls run back to back:
-    pairing cancels the load of other processes better than a ratio of two medians."""
-    return statistics.median(t / o for o, t in zip(ours["seconds"], theirs["seconds"]))
+def paired_ratios(ours: dict, theirs: dict) -> list[float]:
+    """Upstream time / har-ref time of each round, from calls run back to back: pairing cancels the
+    load of other processes better than a ratio of two medians. Their median is the speedup; their
+    spread shows the noise of this shared machine."""
+    return [t / o for o, t in zip(ours["seconds"], theirs["seconds"])]
 
 
 # ----------------------------------------------------------------------------- models
@@ -261,8 +262,10 @@ def bench_family(family: str, work: Path, prompts: list[str], labels: torch.Tens
             measured = interleaved(steps, rounds)
             for i, pair in enumerate(pairs):
                 ours, up = measured[f"har-ref#{i}"], measured[f"{pair.upstream.name}#{i}"]
+                ratios = paired_ratios(ours, up)
                 rows.append(dict(family=family, workload=workload, precision=precision, step=mode,
-                                 upstream=pair.upstream.name, ours=ours, theirs=up, speedup=paired_speedup(ours, up)))
+                                 upstream=pair.upstream.name, ours=ours, theirs=up,
+                                 speedup=statistics.median(ratios), speedup_range=(min(ratios), max(ratios))))
             print_rows(rows[-len(pairs):])
     ours = pairs[0].ours
     bf16 = any(precision == "bf16" for precision, _ in configs)
@@ -340,13 +343,14 @@ def bench_loader(work: Path, count: int) -> dict:
 # ----------------------------------------------------------------------------- report
 
 HEADER = (f"{'model':<7}{'workload':<10}{'prec':<5}{'step':<6}{'vs':<13}{'har-ref s':>10}{'upstream s':>11}"
-          f"{'speedup':>9}{'har-ref MiB':>12}{'upstream MiB':>13}{'n':>3}")
+          f"{'speedup':>9}{'range':>12}{'har-ref MiB':>12}{'upstream MiB':>13}{'n':>3}")
 
 
 def print_rows(rows: list[dict]) -> None:
     for r in rows:
         print(f"{r['family']:<7}{r['workload']:<10}{r['precision']:<5}{r['step']:<6}{r['upstream']:<13}"
               f"{r['ours']['median_s']:>10.3f}{r['theirs']['median_s']:>11.3f}{r['speedup']:>8.2f}x"
+              f"{'%.2f-%.2f' % tuple(r['speedup_range']):>12}"
               f"{r['ours']['peak_mib']:>12.0f}{r['theirs']['peak_mib']:>13.0f}{len(r['ours']['seconds']):>3}",
               flush=True)
 
@@ -360,8 +364,9 @@ def check_targets(rows: list[dict]) -> list[str]:
     for r in (r for r in rows if r["precision"] == "fp32"):
         label = f"{r['family']} {r['workload']} {r['step']} vs {r['upstream']}"
         need = {"clip": 1.3, "siglip": 1.05}[r["family"]] if r["workload"] == "study" else 1.0
-        lines.append(f"{'met' if r['speedup'] >= need else 'NOT met':<8}{label}: speedup {r['speedup']:.2f}x "
-                     f"(target >= {need}x)")
+        lo, hi = r["speedup_range"]
+        lines.append(f"{'met' if r['speedup'] >= need else 'NOT met':<8}{label}: speedup {r['speedup']:.3f}x "
+                     f"(target >= {need}x; rounds {lo:.2f}-{hi:.2f})")
         if r["upstream"] == "transformers":
             ours, theirs = r["ours"]["peak_mib"], r["theirs"]["peak_mib"]
             ok = ours <= theirs + MEMORY_RESOLUTION_MIB
@@ -401,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
           f"bf16 {'native (avx512_bf16/amx)' if cpu_supports_bf16() else 'not native: skipped'}; "
           f"load average at start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
     print(f"time: median of {rounds} interleaved rounds after one warm-up call; speedup: median over rounds of "
-          "upstream time / har-ref time (back-to-back calls).")
+          "upstream time / har-ref time (back-to-back calls);\nrange: the lowest and highest of those ratios "
+          "(this machine's noise).")
     print("MiB: the most tensor memory alive at once during the warm-up call (torch.profiler allocation and free "
           "events;\nexact, independent of malloc's caching). Weights are not counted; a training step's gradients "
           "are (CLIP 577 MiB, SigLIP 775 MiB).")
@@ -443,7 +449,7 @@ def bench_compile(family: str, work: Path, prompts: list[str], labels: torch.Ten
     compile_s = time.perf_counter() - start
     measured = interleaved({"eager": train_step(eager, family, pixels, ids, labels, "fp32"),
                             "compiled": train_step(compiled, family, pixels, ids, labels, "fp32")}, rounds)
-    speedup = paired_speedup(measured["compiled"], measured["eager"])
+    speedup = statistics.median(paired_ratios(measured["compiled"], measured["eager"]))
     print(f"{family:<7}study     fp32 train compile: eager {measured['eager']['median_s']:.3f} s, compiled "
           f"{measured['compiled']['median_s']:.3f} s ({speedup:.2f}x), compiling took {compile_s:.0f} s", flush=True)
     return dict(compile_s=compile_s, speedup=speedup, **measured)
