@@ -85,8 +85,9 @@ def _scaled_cosine_logits(anchors: Tensor, candidates: Tensor, memory: Tensor | 
         return logits
     memory = memory.to(anchors.dtype)
     # Same as F.normalize(memory) (x / max(|x|, eps)) without an [M, D] copy: divide the columns.
+    # In place: the matmul's backward needs its inputs, not its output, so no [B, M] copy either.
     memory_norms = memory.norm(dim=-1).clamp_min(1e-12)
-    return torch.cat([logits, (scaled_anchors @ memory.T) / memory_norms], dim=1)
+    return torch.cat([logits, (scaled_anchors @ memory.T).div_(memory_norms)], dim=1)
 
 
 def _check_memory(memory_image: Tensor | None, memory_text: Tensor | None) -> int:
@@ -99,7 +100,8 @@ def _soft_target_cross_entropy(logits: Tensor, positives: Tensor) -> Tensor:
     """Mean over rows of CE with targets uniform over each row's positives (standard CE with one positive)."""
     log_probs = logits.log_softmax(dim=1)
     positive_log_probs = log_probs.masked_fill(~positives, 0.0).sum(dim=1)
-    return -(positive_log_probs / positives.sum(dim=1)).mean()
+    # dtype given: summing bools would first copy the mask to int64, twice a logit matrix's bytes.
+    return -(positive_log_probs / positives.sum(dim=1, dtype=logits.dtype)).mean()
 
 
 def clip_loss(
@@ -120,14 +122,14 @@ def clip_loss(
     memory_size = _check_memory(memory_image, memory_text)
     positives = positive_mask(labels, image_emb.shape[0], memory_labels, memory_size, image_emb.device)
     scale = logit_scale.exp()
-    logits_per_image = _scaled_cosine_logits(image_emb, text_emb, memory_text, scale)
-    logits_per_text = _scaled_cosine_logits(text_emb, image_emb, memory_image, scale)
-    # Same labels on both sides, so one mask serves both directions.
-    return (_soft_target_cross_entropy(logits_per_image, positives)
-            + _soft_target_cross_entropy(logits_per_text, positives)) / 2
+    # Same labels on both sides, so one mask serves both directions. One direction at a time:
+    # its [B, B+M] logits are freed before the other direction's are built.
+    image_to_text = _soft_target_cross_entropy(_scaled_cosine_logits(image_emb, text_emb, memory_text, scale), positives)
+    text_to_image = _soft_target_cross_entropy(_scaled_cosine_logits(text_emb, image_emb, memory_image, scale), positives)
+    return (image_to_text + text_to_image) / 2
 
 
-def _sigmoid_loss(logits: Tensor, positives: Tensor, pos_weight: float | None) -> Tensor:
+def _sigmoid_loss(logits: Tensor, targets: Tensor, pos_weight: float | None) -> Tensor:
     """SigLIP eq. 1 for one direction: -(1/B) sum_ij w_ij log sigmoid(z_ij * logits_ij).
 
     With y = (z + 1) / 2 in {0, 1}, -log sigmoid(z * l) is binary cross-entropy with logits
@@ -135,7 +137,7 @@ def _sigmoid_loss(logits: Tensor, positives: Tensor, pos_weight: float | None) -
     pos_weight multiplies exactly the y = 1 terms. About twice as fast on CPU as spelling out z.
     """
     weight = None if pos_weight is None else torch.tensor(pos_weight, dtype=logits.dtype, device=logits.device)
-    total = F.binary_cross_entropy_with_logits(logits, positives.to(logits.dtype), pos_weight=weight, reduction="sum")
+    total = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=weight, reduction="sum")
     return total / logits.shape[0]
 
 
@@ -162,9 +164,12 @@ def siglip_loss(
     `balanced_pos_weight(labels, memory_labels)` gives the pos_weight that balances the two classes.
     """
     memory_size = _check_memory(memory_image, memory_text)
-    positives = positive_mask(labels, image_emb.shape[0], memory_labels, memory_size, image_emb.device)
+    # y_ij = (z_ij + 1) / 2 as floats, built once: both directions' BCE keep it for their backward.
+    targets = positive_mask(labels, image_emb.shape[0], memory_labels, memory_size, image_emb.device).to(image_emb.dtype)
     scale = logit_scale.exp()
-    logits_per_image = _scaled_cosine_logits(image_emb, text_emb, memory_text, scale) + logit_bias
-    logits_per_text = _scaled_cosine_logits(text_emb, image_emb, memory_image, scale) + logit_bias
-    return (_sigmoid_loss(logits_per_image, positives, pos_weight)
-            + _sigmoid_loss(logits_per_text, positives, pos_weight)) / 2
+    # One direction at a time, so only one [B, B+M] logit matrix is alive at once besides the saved ones.
+    image_to_text = _sigmoid_loss(_scaled_cosine_logits(image_emb, text_emb, memory_text, scale) + logit_bias,
+                                  targets, pos_weight)
+    text_to_image = _sigmoid_loss(_scaled_cosine_logits(text_emb, image_emb, memory_image, scale) + logit_bias,
+                                  targets, pos_weight)
+    return (image_to_text + text_to_image) / 2

@@ -260,3 +260,51 @@ def test_clip_loss_matches_transformers_clip_model():
                 return_loss=True)
     ours = clip_loss(out.image_embeds, out.text_embeds, model.logit_scale)
     torch.testing.assert_close(ours, out.loss, rtol=1e-13, atol=0)
+
+
+def allocations_during(fn) -> tuple[int, int]:
+    """(largest single tensor allocation, peak of live tensor bytes) while fn() runs, from the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = largest = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak, largest = max(peak, live), max(largest, nbytes)
+    return largest, peak
+
+
+# Peak live bytes of forward + backward, in [B, B+M] float matrices. Measured (torch 2.14.1): CLIP 5.57
+# (two saved log-softmax outputs + one direction's transients), SigLIP 6.82 (two saved logit matrices,
+# the shared float targets, BCE's transients). Building both directions' logits before either loss, or
+# one float target per direction, measured 6.57 and 7.82: the bounds catch that.
+PEAK_LOGIT_MATRICES = {"clip": 6.0, "siglip": 7.25}
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_loss_with_memory_never_materializes_more_than_one_logit_matrix_at_a_time(loss, measured):
+    """Batch 32 against 2,000 memory rows of width 256: an [M, D] copy of the memory (normalizing it)
+    would be 4x one [B, B+M] float logit matrix, an int64 copy of the positive mask 2x: the largest
+    allocation catches both. The peak catches holding more [B, B+M] matrices than needed."""
+    b, m, d = 32, 2000, 256
+    g = torch.Generator().manual_seed(0)
+    image, text = (torch.randn(b, d, generator=g, requires_grad=True) for _ in range(2))
+    memory_image, memory_text = torch.randn(m, d, generator=g), torch.randn(m, d, generator=g)  # detached, as XBM's
+    labels, memory_labels = torch.randint(0, 15, (b,), generator=g), torch.randint(0, 15, (m,), generator=g)
+    scale, bias = torch.tensor(2.3, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
+
+    def step():
+        if loss == "clip":
+            value = clip_loss(image, text, scale, labels, memory_image, memory_text, memory_labels)
+        else:
+            value = siglip_loss(image, text, scale, bias, labels, balanced_pos_weight(labels, memory_labels),
+                                memory_image, memory_text, memory_labels)
+        value.backward()
+
+    step()  # first-use allocations of the process are not the loss's
+    largest, peak = allocations_during(step)
+    logit_matrix = b * (b + m) * 4
+    measured(f"loss memory {loss}: B {b}, M {m}, D {d}: largest allocation {largest / logit_matrix:.2f} and peak "
+             f"{peak / logit_matrix:.2f} [B, B+M] float matrices")
+    assert largest <= logit_matrix
+    assert peak <= PEAK_LOGIT_MATRICES[loss] * logit_matrix
