@@ -9,7 +9,7 @@ WEIGHTS ?= weights/$(MODEL)
 OUT ?= runs/$(MODEL)
 ARGS ?=
 
-.PHONY: setup test demo train compare bench clean
+.PHONY: setup test demo train compare bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,9 @@ compare: setup
 
 bench: setup
 	$(PY) tests/bench.py --out bench.json
+
+bench-gpu: setup
+	$(PY) tests/bench_gpu.py --out bench_gpu.json
 
 clean:
 	rm -rf $(VENV) runs/demo .pytest_cache
