@@ -1,5 +1,5 @@
 """Report pictures drawn with Pillow alone: confusion heatmaps, loss and epoch-time charts,
-reliability diagrams, prompt-ablation heatmaps and the compare_viz image grids.
+reliability diagrams and prompt-ablation heatmaps (compare_viz.py draws the image grids).
 
 Every margin is measured from the text it must hold (font.getlength / getmetrics), so no
 label is ever clipped; text is >= 14 px on a white background. Colours are module
@@ -66,7 +66,7 @@ def display_name(class_name: str) -> str:
     return class_name.replace("_", " ")
 
 
-def _draw_text(draw: ImageDraw.ImageDraw, xy, text: str, size: int, fill=BLACK, anchor="la") -> None:
+def draw_text(draw: ImageDraw.ImageDraw, xy, text: str, size: int, fill=BLACK, anchor="la") -> None:
     draw.text(xy, text, font=font(size), fill=fill, anchor=anchor)
 
 
@@ -82,7 +82,7 @@ def _paste_vertical_text(canvas: Image.Image, text: str, size: int, center_x: in
     return (left, top, left + mask.width, top + mask.height)
 
 
-def _save(image: Image.Image, path) -> Image.Image:
+def save_png(image: Image.Image, path) -> Image.Image:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")
     return image
@@ -157,7 +157,7 @@ def _draw_heatmap(values, row_labels, col_labels, title, x_title, y_title, vmin,
     layout = heatmap_layout(row_labels, col_labels, title, tick_text, "0." + "0" * decimals)
     canvas = Image.new("RGB", (layout.width, layout.height), WHITE)
     draw = ImageDraw.Draw(canvas)
-    _draw_text(draw, (layout.width // 2, MARGIN), title, TITLE_PX, anchor="mt")
+    draw_text(draw, (layout.width // 2, MARGIN), title, TITLE_PX, anchor="mt")
     for r in range(layout.rows):
         for c in range(layout.cols):
             box = layout.cell_box(r, c)
@@ -165,16 +165,16 @@ def _draw_heatmap(values, row_labels, col_labels, title, x_title, y_title, vmin,
             draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=color)
             # Exact zeros in grey so the non-zero (confused) cells stand out.
             ink = WHITE if _luminance(color) < 140 else (FAINT_GREY if values[r, c] == 0 else BLACK)
-            _draw_text(draw, ((box[0] + box[2]) // 2, (box[1] + box[3]) // 2), f"{values[r, c]:.{decimals}f}",
+            draw_text(draw, ((box[0] + box[2]) // 2, (box[1] + box[3]) // 2), f"{values[r, c]:.{decimals}f}",
                        CELL_TEXT_PX, ink, anchor="mm")
     for label, box in zip(row_labels, layout.row_label_boxes):
-        _draw_text(draw, (box[2], (box[1] + box[3]) // 2), label, TEXT_PX, anchor="rm")
+        draw_text(draw, (box[2], (box[1] + box[3]) // 2), label, TEXT_PX, anchor="rm")
     for label, box in zip(col_labels, layout.col_label_boxes):
         _paste_vertical_text(canvas, label, TEXT_PX, (box[0] + box[2]) // 2, top=box[1])
     grid_bottom = layout.grid_top + layout.rows * layout.cell
     grid_center_x = layout.grid_left + layout.cols * layout.cell // 2
     x_title_top = max(b[3] for b in layout.col_label_boxes) + 12
-    _draw_text(draw, (grid_center_x, x_title_top), x_title, AXIS_TITLE_PX, anchor="mt")
+    draw_text(draw, (grid_center_x, x_title_top), x_title, AXIS_TITLE_PX, anchor="mt")
     _paste_vertical_text(canvas, y_title, AXIS_TITLE_PX, MARGIN + line_height(AXIS_TITLE_PX) // 2,
                          center_y=(layout.grid_top + grid_bottom) // 2)
     left, top, right, bottom = layout.colorbar
@@ -184,8 +184,8 @@ def _draw_heatmap(values, row_labels, col_labels, title, x_title, y_title, vmin,
     for t, text in zip(ticks, tick_text):
         y = round(bottom - 1 - (t - vmin) / span * (bottom - 1 - top))
         draw.line((right, y, right + 5, y), fill=AXIS_GREY)
-        _draw_text(draw, (right + 8, y), text, TEXT_PX, anchor="lm")
-    return _save(canvas, path), layout
+        draw_text(draw, (right + 8, y), text, TEXT_PX, anchor="lm")
+    return save_png(canvas, path), layout
 
 
 def plot_confusion(matrix_normalized, class_names: Sequence[str], title: str, path):
@@ -268,18 +268,18 @@ def _new_chart(title, legend, x_ticks, y_ticks, x_labels, y_labels, x_title, y_t
     canvas = Image.new("RGB", (width, height), WHITE)
     chart = _Chart(canvas, area, x_range, y_range)
     draw = ImageDraw.Draw(canvas)
-    _draw_text(draw, ((area[0] + area[2]) // 2, MARGIN), title, TITLE_PX, anchor="mt")
+    draw_text(draw, ((area[0] + area[2]) // 2, MARGIN), title, TITLE_PX, anchor="mt")
     for value, label in zip(y_ticks, y_labels):
         y = round(chart.px(x_range[0], value)[1])
         draw.line((area[0], y, area[2], y), fill=GRID_GREY)
         draw.line((area[0] - 5, y, area[0], y), fill=AXIS_GREY)
-        _draw_text(draw, (area[0] - 8, y), label, TEXT_PX, anchor="rm")
+        draw_text(draw, (area[0] - 8, y), label, TEXT_PX, anchor="rm")
     for value, label in zip(x_ticks, x_labels):
         x = round(chart.px(value, y_range[0])[0])
         draw.line((x, area[3], x, area[3] + 5), fill=AXIS_GREY)
-        _draw_text(draw, (x, area[3] + 8), label, TEXT_PX, anchor="mt")
+        draw_text(draw, (x, area[3] + 8), label, TEXT_PX, anchor="mt")
     draw.rectangle((area[0], area[1], area[2], area[3]), outline=AXIS_GREY)
-    _draw_text(draw, ((area[0] + area[2]) // 2, height - MARGIN), x_title, AXIS_TITLE_PX, anchor="md")
+    draw_text(draw, ((area[0] + area[2]) // 2, height - MARGIN), x_title, AXIS_TITLE_PX, anchor="md")
     _paste_vertical_text(canvas, y_title, AXIS_TITLE_PX, MARGIN + line_height(AXIS_TITLE_PX) // 2,
                          center_y=(area[1] + area[3]) // 2)
     legend_center = min(max((area[0] + area[2]) // 2, MARGIN + legend_w // 2), width - MARGIN - legend_w // 2 - 1)
@@ -307,7 +307,7 @@ def _draw_legend(draw, entries: Sequence[tuple[str, tuple, str]], center_x: int,
         else:
             draw.line((x, y, x + swatch, y), fill=color, width=3)
             draw.ellipse((x + swatch // 2 - 4, y - 4, x + swatch // 2 + 4, y + 4), fill=color)
-        _draw_text(draw, (x + swatch + 8, y), label, TEXT_PX, anchor="lm")
+        draw_text(draw, (x + swatch + 8, y), label, TEXT_PX, anchor="lm")
         x += w + gap
 
 
@@ -343,7 +343,7 @@ def plot_loss_curves(curves: dict[str, Sequence[float]], path, title: str = "Tra
     draw = ImageDraw.Draw(chart.canvas)
     for name, curve in curves.items():
         _polyline(draw, [chart.px(e + 1, v) for e, v in enumerate(curve)], colors[name])
-    return _save(chart.canvas, path)
+    return save_png(chart.canvas, path)
 
 
 def plot_epoch_times(times: dict[str, float], path, title: str = "Average time per epoch") -> Image.Image:
@@ -363,8 +363,8 @@ def plot_epoch_times(times: dict[str, float], path, title: str = "Average time p
     for i, name in enumerate(names):
         x, y = chart.px(i, times[name])
         draw.rectangle((round(x - bar_half), round(y), round(x + bar_half), chart.area[3]), fill=colors[name])
-        _draw_text(draw, (round(x), round(y) - 6), f"{times[name]:.1f} s", TEXT_PX, anchor="md")
-    return _save(chart.canvas, path)
+        draw_text(draw, (round(x), round(y) - 6), f"{times[name]:.1f} s", TEXT_PX, anchor="md")
+    return save_png(chart.canvas, path)
 
 
 def plot_reliability(data_by_model: dict[str, dict], path, title: str = "Reliability diagram") -> Image.Image:
@@ -381,58 +381,4 @@ def plot_reliability(data_by_model: dict[str, dict], path, title: str = "Reliabi
     for name, data in data_by_model.items():
         points = [chart.px(c, a) for c, a, n in zip(data["confidence"], data["accuracy"], data["count"]) if n > 0]
         _polyline(draw, points, colors[name])
-    return _save(chart.canvas, path)
-
-
-# ---------------------------------------------------------------------------- compare_viz
-
-PANEL_IMAGE_PX = 256
-PANEL_PAD = 8
-
-
-def compare_panel(image: Image.Image, true_name: str, predictions: dict[str, str]) -> Image.Image:
-    """The image scaled to fit 256 px, then 'GT: <class>' in BLACK and one '<model>: <pred>' line
-    per model, GREEN when the prediction equals the ground truth and RED when it does not."""
-    lines = [(f"GT: {display_name(true_name)}", BLACK)]
-    lines += [(f"{model}: {display_name(pred)}", GREEN if pred == true_name else RED)
-              for model, pred in predictions.items()]
-    lh = line_height(TEXT_PX) + 4
-    width = max(PANEL_IMAGE_PX, max(text_width(text, TEXT_PX) for text, _ in lines)) + 2 * PANEL_PAD
-    height = PANEL_PAD + PANEL_IMAGE_PX + 8 + len(lines) * lh + PANEL_PAD
-    panel = Image.new("RGB", (width, height), WHITE)
-    image = image.convert("RGB")
-    scale = PANEL_IMAGE_PX / max(image.size)
-    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                         Image.Resampling.LANCZOS)
-    panel.paste(image, ((width - image.width) // 2, PANEL_PAD + (PANEL_IMAGE_PX - image.height) // 2))
-    draw = ImageDraw.Draw(panel)
-    for i, (text, color) in enumerate(lines):
-        _draw_text(draw, (PANEL_PAD, PANEL_PAD + PANEL_IMAGE_PX + 8 + i * lh), text, TEXT_PX, color)
-    return panel
-
-
-def compare_grid(panels_by_category: dict[str, list[Image.Image]], path, title: str) -> Image.Image:
-    """One row per category ('both right', 'only CLIP right', ...), its title above its panels."""
-    panels = [p for row in panels_by_category.values() for p in row]
-    cell_w = max((p.width for p in panels), default=PANEL_IMAGE_PX)
-    cell_h = max((p.height for p in panels), default=0)
-    columns = max((len(row) for row in panels_by_category.values()), default=0)
-    gap, row_title_h = 12, line_height(AXIS_TITLE_PX) + 8
-    content_w = max(columns * cell_w + max(columns - 1, 0) * gap,
-                    max((text_width(t, AXIS_TITLE_PX) for t in panels_by_category), default=0))
-    width = max(content_w, text_width(title, TITLE_PX)) + 2 * MARGIN
-    row_heights = [row_title_h + (cell_h if row else line_height(TEXT_PX)) + gap for row in panels_by_category.values()]
-    top = MARGIN + line_height(TITLE_PX) + 12
-    canvas = Image.new("RGB", (width, top + sum(row_heights) + MARGIN), WHITE)
-    draw = ImageDraw.Draw(canvas)
-    _draw_text(draw, (width // 2, MARGIN), title, TITLE_PX, anchor="mt")
-    y = top
-    for (category, row), row_h in zip(panels_by_category.items(), row_heights):
-        draw.line((MARGIN, y, width - MARGIN, y), fill=GRID_GREY)
-        _draw_text(draw, (MARGIN, y + 4), category, AXIS_TITLE_PX)
-        if not row:
-            _draw_text(draw, (MARGIN, y + row_title_h), "(no images)", TEXT_PX, FAINT_GREY)
-        for i, panel in enumerate(row):
-            canvas.paste(panel, (MARGIN + i * (cell_w + gap), y + row_title_h))
-        y += row_h
-    return _save(canvas, path)
+    return save_png(chart.canvas, path)

@@ -14,7 +14,7 @@ import torch
 from .data import PromptBank
 from .evaluate import MODEL_NAMES, class_embeddings
 from .model import DualEncoder, load_model
-from .plots import compare_panel
+from .compare_viz import compare_panel
 from .tokenizer import load_tokenizer
 from .transforms import build_transform, load_image
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .compare_viz import compare_grid, compare_panel
 from .metrics import compute_metrics, mcnemar_exact, paired_bootstrap, reliability_diagram_data, softmax
-from .plots import compare_grid, compare_panel, display_name, plot_confusion, plot_epoch_times, \
+from .plots import display_name, plot_confusion, plot_epoch_times, \
     plot_loss_curves, plot_reliability
 from .transforms import load_image
 

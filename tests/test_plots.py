@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFont
 
-from har_ref import plots
+from har_ref import compare_viz, plots
 from har_ref.metrics import reliability_diagram_data, softmax
 
 CLASSES = ("calling clapping cycling dancing drinking eating fighting hugging laughing "
@@ -152,7 +152,7 @@ def test_reliability_diagram(tmp_path):
 
 def caption_rows(panel: Image.Image) -> list[np.ndarray]:
     """Caption lines of a compare panel: bands of rows holding non-white pixels below the image box."""
-    caption = pixels(panel)[plots.PANEL_PAD + plots.PANEL_IMAGE_PX :]
+    caption = pixels(panel)[compare_viz.PANEL_PAD + compare_viz.PANEL_IMAGE_PX :]
     inked = (caption < 250).any(-1).any(-1)
     bands, start = [], None
     for i, ink in enumerate(np.r_[inked, False]):
@@ -166,7 +166,7 @@ def caption_rows(panel: Image.Image) -> list[np.ndarray]:
 
 def test_compare_panel_colours_each_caption_line():
     image = Image.new("RGB", (400, 200), (0, 0, 255))
-    panel = plots.compare_panel(image, "using_laptop", {"CLIP": "texting", "SigLIP": "using_laptop"})
+    panel = compare_viz.compare_panel(image, "using_laptop", {"CLIP": "texting", "SigLIP": "using_laptop"})
     gt, clip, siglip = caption_rows(panel)
     assert count_color(gt, plots.BLACK) > 20
     assert count_color(gt, plots.GREEN) == count_color(gt, plots.RED) == 0
@@ -178,19 +178,19 @@ def test_compare_panel_colours_each_caption_line():
 
 
 def test_compare_panel_upscales_small_images_and_fits_long_captions():
-    panel = plots.compare_panel(Image.new("RGB", (32, 64), (0, 0, 255)), "listening_to_music",
+    panel = compare_viz.compare_panel(Image.new("RGB", (32, 64), (0, 0, 255)), "listening_to_music",
                                 {"SigLIP (base, 224) fine-tuned": "listening_to_music"})
     blue = (pixels(panel) == np.array([0, 0, 255])).all(-1)
     assert blue.any(1).sum() == 256 and blue.any(0).sum() == 128
     a = pixels(panel)
-    assert (a[:, -4:] == 255).all() and panel.width > 256 + 2 * plots.PANEL_PAD  # widened, not clipped
+    assert (a[:, -4:] == 255).all() and panel.width > 256 + 2 * compare_viz.PANEL_PAD  # widened, not clipped
 
 
 def test_compare_grid(tmp_path):
-    right = plots.compare_panel(Image.new("RGB", (100, 100), (10, 200, 10)), "calling", {"CLIP": "calling"})
-    wrong = plots.compare_panel(Image.new("RGB", (100, 50), (200, 10, 200)), "calling", {"CLIP": "texting"})
+    right = compare_viz.compare_panel(Image.new("RGB", (100, 100), (10, 200, 10)), "calling", {"CLIP": "calling"})
+    wrong = compare_viz.compare_panel(Image.new("RGB", (100, 50), (200, 10, 200)), "calling", {"CLIP": "texting"})
     path = tmp_path / "grid.png"
-    image = plots.compare_grid({"both right": [right, right], "both wrong": [wrong], "only CLIP right": []},
+    image = compare_viz.compare_grid({"both right": [right, right], "both wrong": [wrong], "only CLIP right": []},
                                path, "CLIP vs SigLIP")
     assert_png_with_white_border(path, image)
     a = pixels(image)
