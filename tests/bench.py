@@ -43,10 +43,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bench_tools import bench_loader, bench_losses, interleaved, paired_ratios
+from bench_tools import bench_loader, bench_losses, contrastive_loss, interleaved, paired_ratios
 from har_ref import load_model, load_tokenizer
 from har_ref.data import PromptBank
-from har_ref.losses import clip_loss, siglip_loss
 from har_ref.optim import autocast, cpu_supports_bf16
 from har_ref.synthetic import CLASS_NAMES
 from har_ref.tokenizer_training import train_sentencepiece
@@ -149,18 +148,12 @@ def identical_ids(cfg) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- steps
 
-def _loss(family: str, model, image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor | None):
-    if family == "clip":
-        return clip_loss(image, text, model.logit_scale, labels)
-    return siglip_loss(image, text, model.logit_scale, model.logit_bias, labels)
-
-
 def train_step(impl: Impl, family: str, pixels, ids, labels, precision: str) -> Callable[[], None]:
     def step():
         impl.model.train()
         with autocast(precision, CPU):
             image, text = impl.encode(pixels, ids)
-        _loss(family, impl.model, image.float(), text.float(), labels).backward()  # losses in fp32, as train.py
+        contrastive_loss(family, impl.model, image.float(), text.float(), labels).backward()  # losses in fp32, as train.py
         impl.model.zero_grad(set_to_none=True)  # free the gradients: every step starts from the weights alone
     return step
 

@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench_tools import contrastive_loss
 from har_ref.config import ModelConfig, clip_vit_b32, siglip_base_patch16_224
-from har_ref.losses import clamp_logit_scale_, clip_loss, siglip_loss
+from har_ref.losses import clamp_logit_scale_
 from har_ref.model import DualEncoder
 from har_ref.optim import autocast, build_optimizer
 from har_ref.train import EmbedBoth
@@ -72,13 +73,10 @@ class TrainingStep:
         with autocast("bf16", self.device):
             image, text = self.embed(self.pixels, self.ids)
         image, text = image.float(), text.float()  # losses in fp32, as train.py
-        m = self.model
-        loss = (clip_loss(image, text, m.logit_scale, self.labels) if self.family == "clip"
-                else siglip_loss(image, text, m.logit_scale, m.logit_bias, self.labels))
-        loss.backward()
+        contrastive_loss(self.family, self.model, image, text, self.labels).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        clamp_logit_scale_(m.logit_scale)
+        clamp_logit_scale_(self.model.logit_scale)
 
 
 def synchronize(device: torch.device) -> None:

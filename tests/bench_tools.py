@@ -80,6 +80,13 @@ def paired_ratios(ours: dict, theirs: dict) -> list[float]:
 
 # ----------------------------------------------------------------------------- losses at scale
 
+def contrastive_loss(family: str, model, image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor | None):
+    """The family's loss as train.py computes it (same-class positives when labels are given)."""
+    if family == "clip":
+        return clip_loss(image, text, model.logit_scale, labels)
+    return siglip_loss(image, text, model.logit_scale, model.logit_bias, labels)
+
+
 def bench_losses(rounds: int, batch: int = 256, memory: int = 32_000, dim: int = 768) -> list[dict]:
     """One loss forward + backward at the report's scale: batch 256 against a 32,000-entry XBM."""
     g = torch.Generator().manual_seed(3)
