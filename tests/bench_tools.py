@@ -39,8 +39,8 @@ def quiet_stderr():
             os.close(saved)
 
 
-def peak_memory_mib(fn: Callable[[], None]) -> float:
-    """Run fn() once; the peak of the tensor memory it had allocated at any moment, in MiB.
+def tensor_allocations(fn: Callable[[], None]) -> tuple[int, int]:
+    """Run fn() once: (largest single tensor allocation, peak of live tensor bytes), in bytes.
 
     Exact and independent of the C allocator's caching and fragmentation: the profiler reports every
     CPU tensor allocation and free (with its size), and the running sum is taken in time order.
@@ -50,11 +50,16 @@ def peak_memory_mib(fn: Callable[[], None]) -> float:
         fn()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]")
-    live = peak = 0
+    live = peak = largest = 0
     for _, nbytes in events:
         live += nbytes
-        peak = max(peak, live)
-    return peak / 2**20
+        peak, largest = max(peak, live), max(largest, nbytes)
+    return largest, peak
+
+
+def peak_memory_mib(fn: Callable[[], None]) -> float:
+    """Run fn() once; the most tensor memory it had allocated at any moment, in MiB."""
+    return tensor_allocations(fn)[1] / 2**20
 
 
 def interleaved(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, dict]:

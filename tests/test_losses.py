@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench_tools import tensor_allocations  # tests/: the profiler bookkeeping `make bench` uses
 from har_ref.losses import (balanced_pos_weight, clamp_logit_scale_, clip_loss, positive_mask,
                             siglip_loss)
 
@@ -262,18 +263,6 @@ def test_clip_loss_matches_transformers_clip_model():
     torch.testing.assert_close(ours, out.loss, rtol=1e-13, atol=0)
 
 
-def allocations_during(fn) -> tuple[int, int]:
-    """(largest single tensor allocation, peak of live tensor bytes) while fn() runs, from the profiler."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = largest = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak, largest = max(peak, live), max(largest, nbytes)
-    return largest, peak
-
-
 # Peak live bytes of forward + backward, in [B, B+M] float matrices. Measured (torch 2.14.1): CLIP 5.57
 # (two saved log-softmax outputs + one direction's transients), SigLIP 6.82 (two saved logit matrices,
 # the shared float targets, BCE's transients). Building both directions' logits before either loss, or
@@ -302,7 +291,7 @@ def test_loss_with_memory_never_materializes_more_than_one_logit_matrix_at_a_tim
         value.backward()
 
     step()  # first-use allocations of the process are not the loss's
-    largest, peak = allocations_during(step)
+    largest, peak = tensor_allocations(step)
     logit_matrix = b * (b + m) * 4
     measured(f"loss memory {loss}: B {b}, M {m}, D {d}: largest allocation {largest / logit_matrix:.2f} and peak "
              f"{peak / logit_matrix:.2f} [B, B+M] float matrices")
