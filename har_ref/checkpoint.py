@@ -1,25 +1,46 @@
-"""Atomic training checkpoints: RUN/checkpoint/{model.safetensors, config.json, trainer_state.pt}.
+"""Resumable training state, written so that a crash at any moment loses at most the work since the
+last checkpoint, and the run directory rules that keep one run from overwriting another.
 
-Weights are safetensors; the rest (optimizer, scheduler, GradScaler, cross-batch memory,
-RNG states, counters) is a dict of tensors and numbers read back with weights_only=True,
-so resuming never unpickles code. A checkpoint is written to `checkpoint.tmp/` and then
-swapped in with renames, so a crash at any moment leaves either the old or the new
-checkpoint complete. It is taken at the end of each epoch. Gradients of an optimizer step
-still accumulating at that moment (an effective batch that spans epochs) are saved too, so
-a resumed `independent` run continues that step exactly; in `cached` mode the step's
-micro-batches (images) are not saved and a resumed run starts that step afresh.
+A checkpoint is RUN/checkpoint/: model.safetensors (+ config.json) and trainer_state.pt, a dict of
+tensors and plain Python values read back with torch.load(weights_only=True), so resuming never
+unpickles code. It holds everything the rest of the run depends on: optimizer, scheduler, GradScaler,
+XBM contents, RNG states, the gradients of an optimizer step still accumulating (independent
+mode) or the (epoch, index) keys of its micro-batches (cached mode: the images are re-read), the
+position inside the epoch, and the epoch's running loss statistics. With it, a resumed run ends
+with the same weights, bit for bit on the CPU, as one that never stopped (tests/test_faults.py).
+
+Writing: into checkpoint.tmp/, every file flushed and fsync'ed, then `checkpoint` is renamed to
+`checkpoint.old`, `checkpoint.tmp` to `checkpoint`, and the old one removed. A kill at any point
+leaves a complete `checkpoint` or (between the two renames) a complete `checkpoint.old`.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from .model import load_state, save_model
+from .model import load_state, read_safetensors, save_model
+from .train_config import TrainConfig
+
+# Files a run writes into its directory (train.py, evaluate.py); --overwrite removes exactly these.
+RUN_FILES = ("train_config.json", "log.jsonl", "classes.json", "prompts.json", "skipped.txt", "metrics.json",
+             "predictions.csv", "confusion.png", "config.json", "model.safetensors", "checkpoint",
+             "checkpoint.tmp", "checkpoint.old")
+# Settings that may change between a run and its resume: they do not change the computation.
+RESUMABLE_CHANGES = {"workers", "eval_batch", "compile", "grad_checkpointing", "checkpoint_every",
+                     "checkpoint_minutes", "max_nonfinite", "cache_dir"}
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_training_state(trainer) -> Path:
@@ -37,12 +58,20 @@ def save_training_state(trainer) -> Path:
         "rng_python": list(random.getstate()[1]),
         # gradients accumulated towards the next optimizer step (None right after a step)
         "grads": {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None},
+        "pending": [(epoch, indices.tolist()) for *_, epoch, indices in trainer.pending],
+        "nonfinite": trainer.nonfinite.state_dict(),
         "epoch": trainer.epoch, "step": trainer.step, "micro_step": trainer.micro_step,
+        "batch_in_epoch": trainer.batch_in_epoch, "epoch_losses": list(trainer.epoch_losses),
+        "skipped_steps": trainer.skipped_steps,
     }
     torch.save(state, tmp / "trainer_state.pt")
+    for file in tmp.iterdir():
+        _fsync(file)
+    _fsync(tmp)
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
+    _fsync(run)  # the renames themselves reach the disk
     shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -56,9 +85,13 @@ def find_checkpoint(run: Path) -> Path:
 
 def load_training_state(trainer) -> None:
     ckpt = find_checkpoint(trainer.out)
-    load_state(trainer.model, load_file(str(ckpt / "model.safetensors")), str(ckpt / "model.safetensors"))
-    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
-    trainer.optimizer.load_state_dict(state["optimizer"])
+    load_state(trainer.model, read_safetensors(ckpt / "model.safetensors"), str(ckpt / "model.safetensors"))
+    try:
+        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+        trainer.optimizer.load_state_dict(state["optimizer"])
+    except Exception as e:  # unpickling refused, truncated file, or another optimizer's layout
+        raise ValueError(f"{ckpt / 'trainer_state.pt'} cannot be read ({type(e).__name__}: {e}); it is damaged "
+                         "or from another version of har_ref: start the run again without --resume.") from e
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.scaler.load_state_dict(state["scaler"])
     if trainer.xbm is not None and state["xbm"] is not None:
@@ -70,5 +103,45 @@ def load_training_state(trainer) -> None:
     params = dict(trainer.model.named_parameters())
     for name, grad in state["grads"].items():
         params[name].grad = grad.to(params[name].device)
+    trainer.pending = [trainer.reread_micro_batch(epoch, indices) for epoch, indices in state["pending"]]
+    trainer.nonfinite.load_state_dict(state["nonfinite"])
     trainer.epoch, trainer.step, trainer.micro_step = state["epoch"], state["step"], state["micro_step"]
-    print(f"[train] resumed from {ckpt} at epoch {trainer.epoch}, optimizer step {trainer.step}")
+    trainer.batch_in_epoch, trainer.epoch_losses = state["batch_in_epoch"], list(state["epoch_losses"])
+    trainer.skipped_steps = state["skipped_steps"]
+    truncate_log(trainer.out / "log.jsonl", trainer.epoch)
+    print(f"[train] resumed from {ckpt} at epoch {trainer.epoch + 1}, micro-batch {trainer.batch_in_epoch}, "
+          f"optimizer step {trainer.step}")
+
+
+def truncate_log(log: Path, epochs_done: int) -> None:
+    """Drop log lines of epochs the checkpoint does not include (written after it, before a crash)."""
+    if log.is_file():
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+        log.write_text("".join(line + "\n" for line in lines if json.loads(line)["epoch"] <= epochs_done))
+
+
+def prepare_run_directory(out: Path, weights: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one directory: a new run needs an empty (or run-free) OUT unless
+    --overwrite; --resume needs a checkpoint and the same settings as the run it continues."""
+    if out.resolve() == weights.resolve():
+        raise ValueError(f"--out {out} is the --weights directory; write the run to another directory.")
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other; pass one of them.")
+    present = [name for name in RUN_FILES if (out / name).exists()]
+    if resume:
+        find_checkpoint(out)
+        saved_path = out / "train_config.json"
+        if saved_path.is_file():
+            saved, now = json.loads(saved_path.read_text()), cfg.__dict__
+            changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k, now[k]) != now[k])
+            if changed:
+                diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+                raise ValueError(f"--resume: {out} was trained with other settings ({diffs}); pass the run's "
+                                 "original flags, or start a new run in another --out.")
+    elif present and not overwrite:
+        raise ValueError(f"{out} already holds a run ({', '.join(present[:4])}); pass --resume to continue it, "
+                         "--overwrite to replace it, or choose another --out.")
+    elif present:
+        for name in present:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()

@@ -88,7 +88,14 @@ class ModelConfig:
                 f"{path} not found: a har_ref checkpoint directory needs config.json; "
                 "convert an upstream checkpoint with `python -m weights_conversion hf --src HF_DIR --out DIR`."
             )
-        return cls(**json.loads(path.read_text()))
+        try:
+            spec = json.loads(path.read_text())
+            return cls(**spec)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); re-convert the checkpoint.") from e
+        except TypeError as e:  # unknown or missing fields, or not an object
+            raise ValueError(f"{path} is not a har_ref model config ({e}); re-convert the checkpoint with "
+                             "`python -m weights_conversion`.") from e
 
 
 def clip_vit_b32() -> ModelConfig:

@@ -3,19 +3,21 @@
 Layout read by training and evaluation:  DATA/train/<class>/*  and  DATA/test/<class>/*
 (class order = sorted folder names; files sorted by name, so item order never depends on the OS).
 
-`prepare_splits` builds that layout from the dataset as distributed (one flat image folder and a
-`filename,label` CSV) with a seeded, stratified, per-class split, and writes what it could not use
-to prepare_report.json instead of dropping it silently.
+prepare.py builds that layout from the dataset as distributed (a flat folder and a CSV).
+
+Training items are addressed as (epoch, index) by `EpochSampler`, so that a random augmentation
+is a pure function of (seed, epoch, index): the same on 1 or N ranks, with any number of
+workers, and after a resume in the middle of an epoch.
 """
 from __future__ import annotations
 
-import csv
+import hashlib
 import json
 import os
 import random
-import re
-import shutil
+import signal
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -24,11 +26,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .distributed import rank, world_size
-from .transforms import load_image
+from .transforms import check_pixel_count, load_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DEFAULT_PROMPTS = Path(__file__).with_name("prompts.json")
-REPORT_EXAMPLES = 5  # how many offending rows/files the prepare report lists per problem
 
 
 # ---------------------------------------------------------------- prompt bank
@@ -163,13 +164,15 @@ def build_splits(data_dir: str | Path) -> tuple[list[tuple[str, int]], list[tupl
 
 
 def image_problem(path: str | Path) -> str | None:
-    """Why PIL cannot decode `path`, or None if it can.
+    """Why `path` cannot be used as an image, or None if it can.
 
     The file is decoded fully, JPEGs in draft mode (DCT scaling to ~1/8 size): every byte is still
     entropy-decoded, so truncation is caught, while the inverse DCT works on 1/64 of the pixels.
+    Images beyond Pillow's decompression-bomb limit are refused before decoding (transforms.py).
     """
     try:
         with Image.open(path) as image:
+            check_pixel_count(image)
             image.draft("RGB", (image.width // 8 + 1, image.height // 8 + 1))
             image.load()
     except Exception as e:  # any failure to decode means the file is unusable
@@ -177,20 +180,75 @@ def image_problem(path: str | Path) -> str | None:
     return None
 
 
+def non_image_files(data_dir: str | Path) -> list[tuple[str, str]]:
+    """(path, reason) for files in the class folders that are not images by name (.DS_Store,
+    Thumbs.db, notes.txt): ignored by training, listed in skipped.txt so nothing vanishes unseen."""
+    found = []
+    for split in ("train", "test"):
+        root = Path(data_dir) / split
+        for folder in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+            images = set(list_images(folder))
+            found += [(str(p), "ignored: not an image file name (" + ", ".join(IMAGE_EXTENSIONS) + ")")
+                      for p in sorted(folder.iterdir()) if p.is_file() and p not in images]
+    return found
+
+
+def check_every_class_readable(items: Sequence[tuple[str, int]], kept: Sequence[tuple[str, int]],
+                               skipped: Sequence[tuple[str, str]]) -> None:
+    """A class whose images were all unreadable would silently vanish from training: refuse."""
+    if not kept:
+        raise ValueError(f"None of the {len(items)} images could be read (first: {skipped[:1]}); "
+                         "check the data directory.")
+    empty = sorted({Path(p).parent.name for p, c in items} - {Path(p).parent.name for p, c in kept})
+    if empty:
+        folders = sorted({str(Path(p).parent) for p, _ in items if Path(p).parent.name in empty})
+        raise ValueError(f"class folder(s) {', '.join(folders)} have no readable image (all were skipped, "
+                         "see the reasons above or in skipped.txt); replace the files or remove the class.")
+
+
+def write_skipped(out_dir: str | Path, split: str, entries: Sequence[tuple[str, str]]) -> None:
+    """Record (path, reason) of one split in OUT/skipped.txt (tab-separated: split, path, reason),
+    keeping the other splits' lines, so a run lists every file it did not use."""
+    path = Path(out_dir) / "skipped.txt"
+    header = "# split\tpath\treason: files this run did not use\n"
+    kept = [line for line in (path.read_text().splitlines() if path.is_file() else [])
+            if line and not line.startswith("#") and line.split("\t", 1)[0] != split]
+    lines = kept + [f"{split}\t{p}\t{' '.join(str(r).split())}" for p, r in entries]
+    path.write_text(header + "".join(line + "\n" for line in lines))
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """A 64-bit seed that depends on (seed, epoch, index) only (hash: no collisions between pairs)."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+@contextmanager
+def seeded_global_rng(seed: int):
+    """torchvision's random transforms draw from torch's global RNG: seed it for one item only and
+    leave the caller's stream exactly as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 class ImageFolderDataset(Dataset):
     """(pixels, class_id, index) for a list of (path, class_id) items.
 
     Bad files are found once, up front: every file is decoded at construction (see `image_problem`;
     one thread per core, so about the cost of one epoch's decoding); the ones that fail are dropped
-    and listed in `self.skipped` as (path, reason) for the caller to report (evaluate.py writes
-    them to metrics.json). `index` is the position in `self.items` after skipping, so predictions
-    map back to files. A file that fails later (changed on disk during a run) makes __getitem__
-    raise load_image's error, which names it: substituting another image would silently change
-    the data a metric is computed on.
+    and listed in `self.skipped` as (path, reason) for the caller to report (skipped.txt and
+    metrics.json). A class left without a readable image is an error naming its folder. `index`
+    is the position in `self.items` after skipping, so predictions map back to files. A file that
+    fails later (changed on disk during a run) makes __getitem__ raise load_image's error, which
+    names it: substituting another image would silently change the data a metric is computed on.
+
+    The key is an index, or (epoch, index) from EpochSampler: with `seed` set, the transform's
+    random draws are then seeded by item_seed(seed, epoch, index).
     """
 
-    def __init__(self, items: Sequence[tuple[str, int]], transform: Callable):
-        self.transform = transform
+    def __init__(self, items: Sequence[tuple[str, int]], transform: Callable, seed: int | None = None):
+        self.transform, self.seed = transform, seed
         self.skipped: list[tuple[str, str]] = []
         kept = []
         with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # PIL decodes without the GIL
@@ -200,41 +258,67 @@ class ImageFolderDataset(Dataset):
                 self.skipped.append((str(path), problem))
             else:
                 kept.append((str(path), class_id))
-        if not kept:
-            raise ValueError(f"None of the {len(items)} images could be read (first: {self.skipped[:1]}); "
-                             "check the data directory.")
+        check_every_class_readable(items, kept, self.skipped)
         self.items = kept
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         path, class_id = self.items[index]
-        return self.transform(load_image(path)), class_id, index
+        if self.seed is None:
+            return self.transform(load_image(path)), class_id, index
+        with seeded_global_rng(item_seed(self.seed, epoch, index)):
+            return self.transform(load_image(path)), class_id, index
 
 
 # ---------------------------------------------------------------- loaders
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler's shuffled shard, yielding (epoch, index) keys, and able to start part-way.
+
+    The order depends only on (seed, epoch) (set_epoch). `set_epoch(epoch, skip=n)` drops the first n
+    samples of this rank's shard: a run resumed after n samples of an epoch sees exactly the rest.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, drop_last: bool):
+        super().__init__(dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed,
+                         drop_last=drop_last)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in list(super().__iter__())[self.skip:]])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+def ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which stops cleanly (train.py)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
 
 def make_train_loader(dataset: Dataset, batch_size: int, workers: int, seed: int,
                       drop_last: bool = True) -> DataLoader:
     """Shuffled loader whose order depends only on (seed, epoch): call `loader.sampler.set_epoch(epoch)`
     before each epoch (without it every epoch repeats epoch 0's order).
 
-    The sampler is always a DistributedSampler: with torch.distributed initialized each rank gets its
-    1/world_size shard of the permutation (drop_last keeps shards, hence batch counts, equal); in a
-    single process it is the whole permutation.
-
-    Augmentation draws are reproducible for a given (seed, workers, batch_size) run from epoch 0.
-    With workers > 0, PyTorch seeds torch, numpy and `random` in worker w from base_seed + w, and
-    base_seed comes from the generator seeded here (no worker_init_fn needed; the test checks
-    it); persistent workers are seeded once, at the first epoch. With workers == 0 the draws come
-    from the global RNGs (seed them). A resumed run gets the same order but new draws.
+    The sampler (EpochSampler) is a DistributedSampler: with torch.distributed initialized each
+    rank gets its 1/world_size shard of the permutation (drop_last keeps shards, hence batch
+    counts, equal); in a single process it is the whole permutation. Augmentation draws are
+    seeded per item by the dataset (its `seed`), so they do not depend on the workers; numpy's
+    and `random`'s states in worker w are seeded from base_seed + w by PyTorch, base_seed coming
+    from the generator seeded here.
     """
-    sampler = DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=True,
-                                 seed=seed, drop_last=drop_last)
+    sampler = EpochSampler(dataset, seed=seed, drop_last=drop_last)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       drop_last=drop_last, generator=torch.Generator().manual_seed(seed),
-                      persistent_workers=workers > 0,
+                      persistent_workers=workers > 0, worker_init_fn=ignore_sigint if workers else None,
                       pin_memory=torch.cuda.is_available())
 
 
@@ -246,125 +330,3 @@ def make_eval_loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoa
     """
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
-
-
-# ---------------------------------------------------------------- preparing the splits
-
-# A label becomes a folder name, so it must look like one: letters, digits, '_' and '-', not
-# starting with '-'. Anything else (empty, spaces, '/', '..') makes the row invalid, and so does
-# a filename that is not a plain image file name (a path, or not one of IMAGE_EXTENSIONS).
-LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-
-
-def _read_labels(csv_path: Path, images_dir: Path) -> tuple[dict[str, str], dict[str, list], int]:
-    """filename -> label for the usable rows, the problems found, and the number of rows."""
-    problems = {"invalid_rows": [], "missing_files": [], "duplicate_rows": [], "conflicting_labels": []}
-    labels: dict[str, str] = {}
-    conflicted: set[str] = set()
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"filename", "label"} <= {c.strip() for c in reader.fieldnames}:
-            raise ValueError(f"{csv_path} must start with a 'filename,label' header, got {reader.fieldnames}; "
-                             "fix the CSV header.")
-        n_rows = 0
-        for line, row in enumerate(reader, start=2):
-            n_rows += 1
-            row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
-            name, label = row.get("filename", ""), row.get("label", "")
-            example = {"line": line, "filename": name, "label": label}
-            if (Path(name).name != name or Path(name).suffix.lower() not in IMAGE_EXTENSIONS
-                    or not LABEL_PATTERN.fullmatch(label)):
-                problems["invalid_rows"].append(example)
-            elif name in conflicted or (name in labels and labels[name] != label):
-                problems["conflicting_labels"].append(example)
-                conflicted.add(name)
-                labels.pop(name, None)
-            elif name in labels:
-                problems["duplicate_rows"].append(example)
-            elif not (images_dir / name).is_file():
-                problems["missing_files"].append(example)
-            else:
-                labels[name] = label
-    return labels, problems, n_rows
-
-
-def _place(src: Path, dst: Path, mode: str) -> str:
-    """Link or copy src to dst, falling back symlink -> hardlink -> copy; returns what was done."""
-    if mode == "symlink":
-        try:
-            os.symlink(src.resolve(), dst)
-            return "symlink"
-        except OSError:  # e.g. no symlink privilege
-            mode = "hardlink"
-    if mode == "hardlink":
-        try:
-            os.link(src, dst)
-            return "hardlink"
-        except OSError:  # e.g. across file systems
-            pass
-    shutil.copy2(src, dst)
-    return "copy"
-
-
-def prepare_splits(csv_path: str | Path, images_dir: str | Path, out_dir: str | Path, test_per_class: int = 126,
-                   seed: int = 0, link: str = "symlink", overwrite: bool = False) -> dict:
-    """Build out_dir/{train,test}/<class>/ from a flat image folder and a `filename,label` CSV.
-
-    Per class, files are sorted by name and shuffled by random.Random(f"{seed}:{label}") (string seeds
-    are hashed with SHA-512, so the split is the same on every machine and does not depend on the
-    other classes); the first `test_per_class` go to test, the rest to train. Rows with an invalid
-    filename or label (see LABEL_PATTERN), missing files, repeated rows (the first is kept) and
-    files given two different labels (all their rows are dropped) are excluded and reported, as are
-    image files no row mentions. The report is returned and written to out_dir/prepare_report.json.
-    """
-    csv_path, images_dir, out_dir = Path(csv_path), Path(images_dir), Path(out_dir)
-    if link not in ("symlink", "hardlink", "copy"):
-        raise ValueError(f"link must be 'symlink', 'hardlink' or 'copy', got {link!r}.")
-    for path, kind in ((csv_path, "CSV file"), (images_dir, "image folder")):
-        if not path.exists():
-            raise FileNotFoundError(f"{kind} {path} not found; check the path.")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise ValueError(f"{out_dir} is not empty; choose a new output directory or pass overwrite=True.")
-        for name in ("train", "test", "prepare_report.json"):
-            target = out_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
-
-    labels, problems, n_rows = _read_labels(csv_path, images_dir)
-    by_class: dict[str, list[str]] = {}
-    for name, label in sorted(labels.items()):
-        by_class.setdefault(label, []).append(name)
-    if not by_class:
-        raise ValueError(f"{csv_path} has no usable rows (see the problems: {problems}); fix the CSV.")
-    for label, names in sorted(by_class.items()):
-        if len(names) <= test_per_class:
-            raise ValueError(f"class {label!r} has {len(names)} usable images in {csv_path}, not more than "
-                             f"test_per_class={test_per_class}; lower test_per_class or fix the labels.")
-    mentioned = set(labels) | {e["filename"] for rows in problems.values() for e in rows}
-    unlisted = sorted(p.name for p in images_dir.iterdir()
-                      if p.suffix.lower() in IMAGE_EXTENSIONS and p.name not in mentioned)
-
-    used_modes, classes = set(), {}
-    for label, names in sorted(by_class.items()):
-        random.Random(f"{seed}:{label}").shuffle(names)
-        for split, chosen in (("test", names[:test_per_class]), ("train", names[test_per_class:])):
-            folder = out_dir / split / label
-            folder.mkdir(parents=True)
-            for name in chosen:
-                used_modes.add(_place(images_dir / name, folder / name, link))
-        classes[label] = {"train": len(names) - test_per_class, "test": test_per_class}
-
-    report = {
-        "csv": str(csv_path), "images_dir": str(images_dir), "out_dir": str(out_dir),
-        "seed": seed, "test_per_class": test_per_class, "rows": n_rows, "used": len(labels),
-        "link_requested": link, "link_used": sorted(used_modes), "classes": classes,
-        **{k: {"count": len(v), "examples": v[:REPORT_EXAMPLES]} for k, v in problems.items()},
-        "unlisted_files": {"count": len(unlisted), "examples": unlisted[:REPORT_EXAMPLES]},
-    }
-    if used_modes != {link}:
-        report["note"] = f"could not create every {link}; fell back to {', '.join(sorted(used_modes - {link}))}."
-    (out_dir / "prepare_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report

@@ -81,7 +81,7 @@ def train_one(family: str, data: Path, out: Path, seed: int) -> None:
     with open(out / "train.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         texts, _ = PromptBank.from_file(None, list(CLASS_NAMES)).all_prompts()
         weights = make_tiny_checkpoint(family, texts, out.parent / "weights" / family, seed)
-        train(demo_train_config(family, seed), weights, data, out)
+        train(demo_train_config(family, seed), weights, data, out, overwrite=True)  # a demo re-run replaces its runs
 
 
 def watch(processes: dict[str, mp.Process], runs: dict[str, Path], start: float) -> None:

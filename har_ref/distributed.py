@@ -108,3 +108,14 @@ def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if is_distributed():
         dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is True on any rank: decisions that change control flow (stop
+    now) must be taken by all ranks together, or the others would wait forever in a collective."""
+    if not is_distributed():
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from .config import ModelConfig
+from .data import check_every_class_readable, item_seed, seeded_global_rng
 from .transforms import load_image, normalize_uint8, to_uint8_resized
 
 FORMAT = 1
@@ -60,8 +61,8 @@ class CachedImageDataset(Dataset):
     """
 
     def __init__(self, items: Sequence[tuple[str, int]], cfg: ModelConfig, cache_dir: str | Path,
-                 augment: bool = False):
-        self.cfg, self.augment = cfg, augment
+                 augment: bool = False, seed: int = 0):
+        self.cfg, self.augment, self.seed = cfg, augment, seed
         self.size = cfg.vision.image_size
         cache_dir = Path(cache_dir)
         try:
@@ -84,9 +85,7 @@ class CachedImageDataset(Dataset):
             else:
                 self.items.append((str(given), class_id))
                 self.slots.append(entry["slot"])
-        if not self.items:
-            raise ValueError(f"None of the {len(items)} images could be read (first: {self.skipped[:1]}); "
-                             "check the data directory.")
+        check_every_class_readable(items, self.items, self.skipped)
         self.crop_and_flip = v2.Compose([
             v2.RandomResizedCrop(self.size, scale=CROP_SCALE, interpolation=v2.InterpolationMode.BICUBIC,
                                  antialias=True),
@@ -170,8 +169,10 @@ class CachedImageDataset(Dataset):
                                      shape=(slots, 3, self.size, self.size))
         return torch.from_numpy(np.array(self._pixels[self.slots[index]]))  # a copy: the map is read-only
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        epoch, index = key if isinstance(key, tuple) else (0, key)  # (epoch, index) from EpochSampler
         pixels = self.uint8(index)
         if self.augment:
-            pixels = self.crop_and_flip(pixels)
+            with seeded_global_rng(item_seed(self.seed, epoch, index)):
+                pixels = self.crop_and_flip(pixels)
         return normalize_uint8(pixels, self.cfg), self.items[index][1], index

@@ -77,11 +77,24 @@ def load_state(model: DualEncoder, tensors: dict[str, torch.Tensor], source: str
     unexpected = sorted(set(tensors) - set(expected))
     shapes = sorted(f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
                     if k in tensors and tensors[k].shape != v.shape)
+    if ("logit_bias" in tensors) != ("logit_bias" in expected):  # only SigLIP learns a bias
+        found, described = ("SigLIP", "CLIP") if "logit_bias" in tensors else ("CLIP", "SigLIP")
+        raise ValueError(f"{source} holds {found} weights but config.json next to it describes {described}; "
+                         "use the config.json written with these weights (re-convert the checkpoint).")
     if missing or unexpected or shapes:
         raise ValueError(f"{source} does not match config.json: missing {missing[:8]}, "
                          f"unexpected {unexpected[:8]}, wrong shape {shapes[:8]}; "
                          "re-convert the checkpoint with `python -m weights_conversion`.")
     model.load_state_dict(tensors)
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file; a damaged or foreign file is one clear ValueError."""
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types (header, truncation, I/O)
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                         "re-convert or re-copy the checkpoint.") from e
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu",
@@ -96,5 +109,5 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     with torch.device("meta"):
         model = DualEncoder(cfg)  # no point initializing weights that are about to be overwritten
     model = model.to_empty(device="cpu")
-    load_state(model, load_file(str(weights)), str(weights))
+    load_state(model, read_safetensors(weights), str(weights))
     return model.to(device=device, dtype=dtype).eval()

@@ -36,7 +36,7 @@ from .transforms import build_transform
 def validation_slice(train_items: list[tuple[str, int]], class_names: list[str], val_fraction: float,
                      seed: int) -> list[tuple[str, int]]:
     """round(val_fraction * n_c) (at least 1) items of every class c, drawn by random.Random(f"{seed}:{name}")
-    (as data.prepare_splits) so a class's slice depends only on the seed, its name and its own files;
+    (as prepare.prepare_splits) so a class's slice depends only on the seed, its name and its own files;
     returned sorted by path."""
     if not 0.0 < val_fraction <= 1.0:
         raise ValueError(f"val_fraction must be in (0, 1], got {val_fraction}; e.g. 0.2 holds out 20% per class.")

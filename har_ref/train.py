@@ -27,8 +27,10 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed as dist
-from .checkpoint import load_training_state, save_training_state
-from .data import ImageFolderDataset, PromptBank, build_splits, make_train_loader
+from .checkpoint import load_training_state, prepare_run_directory, save_training_state
+from .data import (DEFAULT_PROMPTS, ImageFolderDataset, PromptBank, build_splits, make_train_loader, non_image_files,
+                   write_skipped)
+from .faults import NonFiniteLosses, StopRequest, TrainingStopped
 from .evaluate import evaluate_model
 from .image_cache import CachedImageDataset
 from .losses import balanced_pos_weight, clamp_logit_scale_, clip_loss, siglip_loss
@@ -74,11 +76,16 @@ class PromptSampler:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, weights: str | Path, data: str | Path, out: str | Path):
+    def __init__(self, cfg: TrainConfig, weights: str | Path, data: str | Path, out: str | Path,
+                 resume: bool = False, overwrite: bool = False):
         cfg.validate()
         self.cfg, self.weights, self.data, self.out = cfg, Path(weights), Path(data), Path(out)
+        self.resume = resume
         self.device = dist.setup_distributed()
         self.main = dist.is_main_process()
+        if self.main:  # before anything slow: a mistaken --out is refused at once
+            prepare_run_directory(self.out, self.weights, cfg, resume, overwrite)
+        dist.barrier()
         torch.manual_seed(cfg.seed + dist.rank())
         random.seed(cfg.seed)
         self.model = load_model(self.weights, device=self.device).train()
@@ -109,15 +116,24 @@ class Trainer:
         self.xbm = (CrossBatchMemory(cfg.xbm_size, self.model.cfg.embed_dim, cfg.xbm_warmup_steps, self.device)
                     if cfg.xbm_size else None)
         self.step = self.micro_step = self.epoch = 0
-        self.pending: list[tuple] = []  # cached mode: micro-batches of the optimizer step in progress
+        self.batch_in_epoch = 0  # micro-batches of the current epoch done (a resume starts after them)
+        self.epoch_losses: list[float] = []  # finite losses of the current epoch, for its log line
+        self.skipped_steps = 0  # optimizer steps skipped for non-finite gradients, this epoch
+        self.nonfinite = NonFiniteLosses(cfg.max_nonfinite)
+        self.stop = StopRequest()
+        self.last_save = time.monotonic()
+        # cached mode: micro-batches (pixels, ids, labels, epoch, indices) of the step in progress
+        self.pending: list[tuple] = []
 
     def build_dataset(self, items):
         """Decoded from the image files every epoch, or read from the preprocessed uint8 cache."""
         if self.cfg.cache_dir is None:
-            return ImageFolderDataset(items, build_transform(self.model.cfg, train=True, augment=self.cfg.augment))
+            transform = build_transform(self.model.cfg, train=True, augment=self.cfg.augment)
+            return ImageFolderDataset(items, transform, seed=self.cfg.seed)
         if not self.main:  # rank 0 builds the cache, the others read the finished one
             dist.barrier()
-        dataset = CachedImageDataset(items, self.model.cfg, self.cfg.cache_dir, augment=self.cfg.augment)
+        dataset = CachedImageDataset(items, self.model.cfg, self.cfg.cache_dir, augment=self.cfg.augment,
+                                     seed=self.cfg.seed)
         if self.main:
             dist.barrier()
         return dataset
@@ -147,7 +163,9 @@ class Trainer:
         if self.xbm is not None:
             gather = dist.gather_with_grad if dist.is_distributed() else (lambda x: x)
             with torch.no_grad():
-                self.xbm.enqueue(gather(image.detach()), gather(text.detach()), gather(labels))
+                image, text, labels = gather(image.detach()), gather(text.detach()), gather(labels)
+                if torch.isfinite(image).all() and torch.isfinite(text).all():  # never store a NaN
+                    self.xbm.enqueue(image, text, labels)
 
     # ---------------------------------------------------------------- accumulation modes
     def independent_micro_step(self, pixels, ids, labels, last_of_step: bool) -> float:
@@ -162,14 +180,14 @@ class Trainer:
 
     def cached_step(self, batches: list[tuple]) -> float:
         with torch.no_grad(), autocast(self.precision, self.device):
-            embs = [self.embed(pixels, ids) for pixels, ids, _ in batches]
+            embs = [self.embed(pixels, ids) for pixels, ids, *_ in batches]
         image = torch.cat([e[0] for e in embs]).float().requires_grad_()
         text = torch.cat([e[1] for e in embs]).float().requires_grad_()
         labels = torch.cat([b[2] for b in batches])
         loss = self.loss(image, text, labels)
         self.scaler.scale(loss).backward()  # d loss / d embeddings, and the logit scale/bias grads
         start = 0
-        for pixels, ids, _ in batches:  # re-run with grad; chain rule through the cached gradients
+        for pixels, ids, *_ in batches:  # re-run with grad; chain rule through the cached gradients
             end = start + pixels.shape[0]
             with autocast(self.precision, self.device):
                 img, txt = self.embed(pixels, ids)
@@ -178,12 +196,35 @@ class Trainer:
         self.remember(image, text, labels)
         return loss.item()
 
+    def reread_micro_batch(self, epoch: int, indices: list[int]) -> tuple:
+        """A cached-mode micro-batch rebuilt from its (epoch, index) keys (resume): the same pixels,
+        labels and prompts as the loader gave, because all three depend on those keys only."""
+        items = [self.dataset[(epoch, i)] for i in indices]
+        pixels = torch.stack([x for x, _, _ in items]).to(self.device)
+        labels = torch.tensor([y for _, y, _ in items]).to(self.device)
+        indices = torch.tensor(indices)
+        return pixels, self.prompts.sample(labels, indices, epoch, len(self.dataset)), labels, epoch, indices
+
     def optimizer_step(self) -> None:
-        if self.cfg.grad_clip:
+        """Clip, step, clamp, schedule. A step whose gradients are not finite is skipped (by the
+        GradScaler in fp16, which then lowers its scale; here otherwise) and counted."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skipped if unscale_ found inf/NaN
+            self.scaler.update()
+            skipped = self.scaler.get_scale() < scale
+        else:  # the norm is computed anyway: max_norm=inf only measures it (and multiplies by 1)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))
+            skipped = not torch.isfinite(norm).item()
+            if not skipped:
+                self.optimizer.step()
+        if skipped:
+            self.skipped_steps += 1
+            print(f"\n[train] optimizer step {self.step + 1}: non-finite gradients, step skipped", file=sys.stderr)
         self.optimizer.zero_grad(set_to_none=True)
         clamp_logit_scale_(self.model.logit_scale)  # CLIP sec. 2.5: keep exp(t) <= 100
         self.scheduler.step()
@@ -191,43 +232,70 @@ class Trainer:
 
     # ---------------------------------------------------------------- epochs
     def train_epoch(self) -> dict:
+        """The rest of the current epoch (all of it, unless resumed part-way); returns its log record."""
         self.model.train()
-        if hasattr(self.loader.sampler, "set_epoch"):
-            self.loader.sampler.set_epoch(self.epoch)
-        start, losses, images = time.perf_counter(), [], 0
-        n_micro = len(self.loader)
-        for i, (pixels, labels, indices) in enumerate(self.loader):
+        self.loader.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * self.cfg.micro_batch)
+        start, images, first = time.perf_counter(), 0, self.batch_in_epoch
+        n_micro = first + len(self.loader)
+        for pixels, labels, indices in self.loader:
             ids = self.prompts.sample(labels, indices, self.epoch, len(self.dataset))
             pixels, labels = pixels.to(self.device, non_blocking=True), labels.to(self.device)
             self.micro_step += 1
             ends_step = self.micro_step % self.cfg.accum_steps == 0
+            loss = None
             if self.cfg.accum_mode == "cached":
-                self.pending.append((pixels, ids, labels))  # a step may span epochs
+                self.pending.append((pixels, ids, labels, self.epoch, indices))  # a step may span epochs
                 if ends_step:
-                    losses.append(self.cached_step(self.pending))
+                    loss = self.cached_step(self.pending)
                     self.pending = []
             else:
-                losses.append(self.independent_micro_step(pixels, ids, labels, ends_step))
+                loss = self.independent_micro_step(pixels, ids, labels, ends_step)
             if ends_step:
                 self.optimizer_step()
+            self.batch_in_epoch += 1
             images += pixels.shape[0] * dist.world_size()
-            self.progress(i + 1, n_micro, losses, images, start)
-        seconds = time.perf_counter() - start
+            if loss is not None and self.nonfinite.observe(loss, f"epoch {self.epoch + 1}, micro-batch "
+                                                                 f"{self.batch_in_epoch}, step {self.step}"):
+                self.epoch_losses.append(loss)
+            self.progress(self.batch_in_epoch - first, n_micro - first, n_micro, images, start)
+            self.after_micro_batch()
+        record = {"epoch": self.epoch + 1, "loss": sum(self.epoch_losses) / max(1, len(self.epoch_losses)),
+                  "epoch_time_s": time.perf_counter() - start, "images_per_s": images / (time.perf_counter() - start),
+                  "lr": self.scheduler.get_last_lr()[0], "logit_scale": self.model.logit_scale.item(),
+                  "logit_bias": None if self.model.logit_bias is None else self.model.logit_bias.item(),
+                  "step": self.step, "nonfinite_losses": self.nonfinite.total, "skipped_steps": self.skipped_steps,
+                  "skipped_images": len(getattr(self.dataset, "skipped", []))}
         self.epoch += 1
-        return {"epoch": self.epoch, "loss": sum(losses) / max(1, len(losses)), "epoch_time_s": seconds,
-                "images_per_s": images / seconds, "lr": self.scheduler.get_last_lr()[0],
-                "logit_scale": self.model.logit_scale.item(),
-                "logit_bias": None if self.model.logit_bias is None else self.model.logit_bias.item(),
-                "step": self.step}
+        self.batch_in_epoch, self.epoch_losses, self.skipped_steps, self.nonfinite.total = 0, [], 0, 0
+        return record
 
-    def progress(self, i: int, n: int, losses: list[float], images: int, start: float) -> None:
-        if not self.main or not losses:
+    def after_micro_batch(self) -> None:
+        """Stop cleanly if asked (every rank agrees), else checkpoint if one is due."""
+        if dist.any_rank(self.stop.requested):
+            self.save()
+            raise TrainingStopped(f"stopped by {self.stop.signal_name or 'another rank'} after epoch "
+                                  f"{self.epoch + 1} micro-batch {self.batch_in_epoch}; the checkpoint is in "
+                                  f"{self.out}/checkpoint: continue with the same command and --resume.", exit_code=130)
+        by_count = self.cfg.checkpoint_every and self.micro_step % self.cfg.checkpoint_every == 0
+        by_time = self.cfg.checkpoint_minutes and time.monotonic() - self.last_save >= 60 * self.cfg.checkpoint_minutes
+        if by_count or by_time:
+            self.save()
+
+    def save(self) -> None:
+        if self.main:
+            save_training_state(self)
+        self.last_save = time.monotonic()
+
+    def progress(self, i: int, n: int, n_epoch: int, images: int, start: float) -> None:
+        """One updating line: i of this session's n micro-batches, out of the epoch's n_epoch."""
+        if not self.main or not self.epoch_losses:
             return
         elapsed = time.perf_counter() - start
-        eta = elapsed / i * (n - i + n * (self.cfg.epochs - self.epoch - 1))
+        eta = elapsed / i * (n - i + n_epoch * (self.cfg.epochs - self.epoch - 1))
         end = "\n" if i == n else ""
-        print(f"\repoch {self.epoch + 1}/{self.cfg.epochs} batch {i}/{n} step {self.step} "
-              f"loss {losses[-1]:.4f} {images / elapsed:.1f} img/s ETA {eta / 60:.1f} min", end=end, flush=True)
+        print(f"\repoch {self.epoch + 1}/{self.cfg.epochs} batch {self.batch_in_epoch}/{n_epoch} step {self.step} "
+              f"loss {self.epoch_losses[-1]:.4f} {images / elapsed:.1f} img/s ETA {eta / 60:.1f} min",
+              end=end, flush=True)
 
     def explain_batch(self) -> None:
         n = len(self.dataset) * dist.world_size()
@@ -240,28 +308,44 @@ class Trainer:
             print(f"[train] note: the effective batch ({eff}) exceeds the training set ({n} images): one "
                   f"optimizer step spans {eff / n:.1f} epochs, so {self.cfg.epochs} epochs make only "
                   f"{self.total_steps} step(s). Lower --accum-steps for more updates.")
-        for path, reason in getattr(self.dataset, "skipped", []):
+        skipped = getattr(self.dataset, "skipped", [])
+        for path, reason in skipped:
             print(f"[train] skipped unreadable image {path}: {reason}")
+        ignored = non_image_files(self.data)
+        if skipped or ignored:
+            write_skipped(self.out, "train", skipped + ignored)
+            print(f"[train] {len(skipped)} unreadable image(s) skipped, {len(ignored)} non-image file(s) "
+                  f"ignored: listed in {self.out}/skipped.txt")
 
-    def run(self, resume: bool = False) -> dict:
+    def save_label_space(self) -> None:
+        """classes.json and prompts.json make the run directory self-describing: `predict` and
+        `evaluate` on it use the classes and template bank it was trained with."""
+        (self.out / "classes.json").write_text(json.dumps(self.class_names, indent=2) + "\n")
+        source = Path(self.cfg.prompts) if self.cfg.prompts else DEFAULT_PROMPTS
+        if source.resolve() != (self.out / "prompts.json").resolve():
+            shutil.copy(source, self.out / "prompts.json")
+
+    def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
-        if resume:
+        if self.resume:
             load_training_state(self)
         elif self.main:
             (self.out / "log.jsonl").write_text("")
         if self.main:
             self.cfg.save(self.out / "train_config.json")
+            self.save_label_space()
             self.explain_batch()
-        while self.epoch < self.cfg.epochs:
-            record = self.train_epoch()
-            if self.main:
-                with open(self.out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                save_training_state(self)
-        if self.micro_step % self.cfg.accum_steps:  # the last, partial step is not thrown away
-            if self.pending:
-                self.cached_step(self.pending)
-            self.optimizer_step()
+        with self.stop:
+            while self.epoch < self.cfg.epochs:
+                record = self.train_epoch()
+                if self.main:
+                    with open(self.out / "log.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                self.save()
+            if self.micro_step % self.cfg.accum_steps:  # the last, partial step is not thrown away
+                if self.pending:
+                    self.cached_step(self.pending)
+                self.optimizer_step()
         metrics = {}
         if self.main:
             save_model(self.model, self.out)
@@ -276,5 +360,5 @@ class Trainer:
         return metrics
 
 
-def train(cfg: TrainConfig, weights, data, out, resume: bool = False) -> dict:
-    return Trainer(cfg, weights, data, out).run(resume=resume)
+def train(cfg: TrainConfig, weights, data, out, resume: bool = False, overwrite: bool = False) -> dict:
+    return Trainer(cfg, weights, data, out, resume=resume, overwrite=overwrite).run()

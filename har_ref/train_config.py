@@ -34,6 +34,9 @@ class TrainConfig:
     grad_checkpointing: bool = False
     cache_dir: str | None = None  # preprocessed uint8 image cache (see data.py); None disables it
     eval_batch: int = 64
+    checkpoint_every: int = 0  # also checkpoint every N micro-batches (0: only by time and at epoch ends)
+    checkpoint_minutes: float = 30.0  # also checkpoint when this long has passed since the last one (0: never)
+    max_nonfinite: int = 10  # stop after this many consecutive non-finite losses
     synthetic: bool = False  # set by the offline demo so reports say what the numbers are
 
     @property
@@ -45,8 +48,15 @@ class TrainConfig:
             (self.model in ("clip", "siglip"), f"--model must be clip or siglip, got {self.model!r}"),
             (self.accum_mode in ("independent", "cached"), f"--accum-mode must be independent or cached, got {self.accum_mode!r}"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"), f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}"),
-            (self.micro_batch > 0 and self.accum_steps > 0 and self.epochs > 0, "--micro-batch, --accum-steps and --epochs must be positive"),
+            (self.micro_batch > 0, f"--micro-batch (the batch size) must be a positive number of images, got {self.micro_batch}"),
+            (self.accum_steps > 0 and self.epochs > 0, "--accum-steps and --epochs must be positive"),
             (self.xbm_size >= 0, "--xbm-size must be >= 0 (0 disables the memory)"),
+            (self.eval_batch > 0 and self.workers >= 0, "--eval-batch must be positive and --workers >= 0"),
+            (self.checkpoint_every >= 0 and self.checkpoint_minutes >= 0,
+             "--checkpoint-every and --checkpoint-minutes must be >= 0 (0 disables that trigger)"),
+            (self.max_nonfinite >= 1, "--max-nonfinite must be at least 1"),
+            (self.lr > 0 and self.weight_decay >= 0 and self.grad_clip >= 0 and self.warmup_steps >= 0,
+             "--lr must be positive and --weight-decay, --grad-clip, --warmup-steps >= 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -19,6 +19,7 @@ random horizontal flip, then the same normalisation.
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -38,15 +39,39 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+# Pillow warns (and decodes) between MAX_IMAGE_PIXELS and twice that, and raises beyond; har_ref
+# refuses from MAX_IMAGE_PIXELS on (check_pixel_count), so the warning would only be noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def check_pixel_count(image: Image.Image) -> None:
+    """Refuse a decompression bomb (a small file that decodes to gigabytes) before decoding it."""
+    if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+        raise Image.DecompressionBombError(
+            f"{image.width}x{image.height} = {image.width * image.height} pixels is beyond Pillow's "
+            f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit grayscale (e.g. a 16-bit PNG) -> 8-bit "L" by v / 257 (65535 -> 255). Pillow's own
+    convert("RGB") clips at 255 instead, turning almost every 16-bit photo white."""
+    if image.mode not in SIXTEEN_BIT_MODES:
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    return Image.fromarray(np.rint(values / 257).clip(0, 255).astype(np.uint8), mode="L")
+
+
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image file upright (EXIF orientation applied) and in RGB."""
+    """Open an image file upright (EXIF orientation applied), 16-bit scaled to 8, and in RGB."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Image {path} does not exist; check the path or the dataset folder.")
     try:
         with Image.open(path) as image:
+            check_pixel_count(image)
             image.load()  # decode now, so a truncated file fails here and not in a worker later
-            image = ImageOps.exif_transpose(image)
+            image = to_8bit(ImageOps.exif_transpose(image))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"Image {path} cannot be read ({error}); remove or replace the file.") from error
     return to_rgb(image)

@@ -12,7 +12,8 @@ from PIL import Image
 
 import har_ref.data as data
 from har_ref.data import (PromptBank, ImageFolderDataset, build_splits, class_phrase, make_eval_loader,
-                          make_train_loader, prepare_splits)
+                          make_train_loader)
+from har_ref.prepare import prepare_splits
 from har_ref.synthetic import CLASS_NAMES, write_flat_csv_layout
 
 

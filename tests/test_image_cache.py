@@ -102,16 +102,19 @@ def test_augmentation_is_random_crop_and_flip_on_top_of_the_cache(items, tmp_pat
     plain = CachedImageDataset(items, cfg, tmp_path / "cache", augment=False)
     augmented = CachedImageDataset(items, cfg, tmp_path / "cache", augment=True)
     assert augmented.decoded == 0  # augmentation does not change what is cached
-    torch.manual_seed(0)
-    draws = [augmented[0][0] for _ in range(4)]
+    before = torch.get_rng_state()
+    draws = [augmented[(epoch, 0)][0] for epoch in range(4)]  # EpochSampler's (epoch, index) keys
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's RNG stream is left alone
     assert all(d.shape == (3, SIZE, SIZE) and d.dtype == torch.float32 for d in draws)
     assert not all(torch.equal(draws[0], d) for d in draws[1:])
     assert not any(torch.equal(plain[0][0], d) for d in draws)
     # still normalised uint8 values: (k / 255 - 0.5) / 0.5 for an integer k in [0, 255]
     levels = (draws[0] * 0.5 + 0.5) * 255
     assert torch.allclose(levels, levels.round(), atol=1e-3) and levels.min() >= 0 and levels.max() <= 255
-    torch.manual_seed(0)
-    assert torch.equal(augmented[0][0], draws[0])  # torch's global RNG drives it, as build_transform's
+    # a pure function of (seed, epoch, index): the same key gives the same draw, another seed another
+    assert torch.equal(augmented[(2, 0)][0], draws[2]) and torch.equal(augmented[0][0], draws[0])
+    other_seed = CachedImageDataset(items, cfg, tmp_path / "cache", augment=True, seed=1)
+    assert not all(torch.equal(other_seed[(e, 0)][0], d) for e, d in enumerate(draws))
 
 
 def test_bad_images_are_skipped_and_reported(items, tmp_path):
