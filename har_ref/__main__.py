@@ -9,6 +9,7 @@ import argparse
 import sys
 from dataclasses import fields
 
+from .faults import TrainingStopped
 from .train_config import TrainConfig, preset
 
 GET_WEIGHTS = ("convert a checkpoint first: `python -m weights_conversion hf --src HF_DIR --out DIR` "
@@ -20,7 +21,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, help="converted checkpoint directory (config.json, model.safetensors)")
     p.add_argument("--data", required=True, help="dataset with train/<class>/ and test/<class>/")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same flags as the run)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT")
     # Every field of TrainConfig is a flag; defaults come from the --model preset.
     for f in fields(TrainConfig):
         if f.name in ("model", "synthetic"):
@@ -30,7 +32,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            p.add_argument(flag, type=kind, default=None, help=f"(preset default for --model)")
+            p.add_argument(flag, type=kind, default=None, help="(preset default for --model)")
 
 
 def train_config_from(args) -> TrainConfig:
@@ -84,13 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("predict", help="classify images with one or more checkpoints (compare_viz panel)")
-    p.add_argument("images", nargs="+", help="image files")
+    p = sub.add_parser("predict", help="top-k classes of image files or folders, with each model's probabilities")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively, hidden files skipped)")
     p.add_argument("--weights", required=True, action="append", help="checkpoint or run directory (repeatable)")
     p.add_argument("--classes", default=None, help="a dataset directory (its train/ folders name the classes) "
-                                                   "or a comma-separated list; default: the 15 HAR classes")
-    p.add_argument("--prompts", default=None, help="template bank or best_prompts.json")
+                                                   "or a comma-separated list; default: the run's classes.json, "
+                                                   "else the 15 HAR classes")
+    p.add_argument("--prompts", default=None, help="template bank or best_prompts.json; default: the run's "
+                                                   "prompts.json, else the packaged one")
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--json", default=None, metavar="PATH", help="also write JSON lines here; - for stdout "
+                                                                "(then stdout holds JSON only)")
+    p.add_argument("--batch-size", type=int, default=32, help="images decoded and embedded at a time")
     p.add_argument("--true", default=None, help="the true class, to colour the panel")
     p.add_argument("--panel", default=None, help="write the compare_viz panel PNG here")
 
@@ -116,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> None:
     if args.command == "train":
         from .train import train
-        train(train_config_from(args), args.weights, args.data, args.out, resume=args.resume)
+        train(train_config_from(args), args.weights, args.data, args.out, resume=args.resume,
+              overwrite=args.overwrite)
     elif args.command == "evaluate":
         from .evaluate import evaluate
         m = evaluate(args.weights, args.data, args.out, args.prompts, args.batch_size, args.workers)
@@ -132,10 +140,10 @@ def run(args) -> None:
         print(f"wrote {args.out}/prompt_ablation.md and {args.out}/best_prompts.json")
     elif args.command == "predict":
         from .predict import run_predict
-        run_predict(args.weights, args.images, class_names_from(args.classes), args.prompts, args.top_k,
-                    args.true, args.panel)
+        run_predict(args.weights, args.images, class_names_from(args.classes) if args.classes else None,
+                    args.prompts, args.top_k, args.true, args.panel, args.json, args.batch_size)
     elif args.command == "prepare":
-        from .data import prepare_splits
+        from .prepare import prepare_splits
         report = prepare_splits(args.csv, args.images, args.out, args.test_per_class, args.seed)
         print(f"wrote {args.out}/train and {args.out}/test; report in {args.out}/prepare_report.json")
         for key, problem in report.items():
@@ -157,14 +165,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except FileNotFoundError as e:
-        hint = f"; {GET_WEIGHTS}" if "config.json" in str(e) or "safetensors" in str(e) else ""
+        mentions_weights = "config.json" in str(e) or "safetensors" in str(e)
+        hint = f"; {GET_WEIGHTS}" if mentions_weights and "weights_conversion" not in str(e) else ""
         print(f"error: {e}{hint}", file=sys.stderr)
         return 2
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine, not the user: a full disk, a permission, a vanished mount
+        print(f"error: {e}; check free disk space and the permissions of the paths involved.", file=sys.stderr)
+        return 1
+    except TrainingStopped as e:
+        print(f"error: {e}" if e.exit_code != 130 else str(e), file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
-        print("interrupted; the last epoch's checkpoint is in the run directory (use --resume)", file=sys.stderr)
+        print("interrupted; the last checkpoint is in the run directory (continue with --resume)", file=sys.stderr)
         return 130
     return 0
 

@@ -11,12 +11,14 @@ with the same weights, bit for bit on the CPU, as one that never stopped (tests/
 
 Writing: into checkpoint.tmp/, every file flushed and fsync'ed, then `checkpoint` is renamed to
 `checkpoint.old`, `checkpoint.tmp` to `checkpoint`, and the old one removed. A kill at any point
-leaves a complete `checkpoint` or (between the two renames) a complete `checkpoint.old`.
+leaves a complete `checkpoint` or (between the two renames) a complete `checkpoint.old`; a
+half-removed `checkpoint.old` next to a complete `checkpoint` is removed by the next save.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -69,6 +71,7 @@ def save_training_state(trainer) -> Path:
         _fsync(file)
     _fsync(tmp)
     if final.exists():
+        shutil.rmtree(old, ignore_errors=True)  # left over if a kill cut the last clean-up short
         os.replace(final, old)
     os.replace(tmp, final)
     _fsync(run)  # the renames themselves reach the disk
@@ -89,9 +92,13 @@ def load_training_state(trainer) -> None:
     try:
         state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
         trainer.optimizer.load_state_dict(state["optimizer"])
-    except Exception as e:  # unpickling refused, truncated file, or another optimizer's layout
-        raise ValueError(f"{ckpt / 'trainer_state.pt'} cannot be read ({type(e).__name__}: {e}); it is damaged "
-                         "or from another version of har_ref: start the run again without --resume.") from e
+    except pickle.UnpicklingError as e:  # weights_only=True met a class: code is never unpickled
+        raise ValueError(f"{ckpt / 'trainer_state.pt'} cannot be read: it holds objects other than tensors and "
+                         "plain values, which har_ref never unpickles; start the run again without --resume.") from e
+    except Exception as e:  # a truncated file, or another optimizer's layout
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        raise ValueError(f"{ckpt / 'trainer_state.pt'} cannot be read ({reason}); it is damaged or from another "
+                         "version of har_ref: start the run again without --resume.") from e
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.scaler.load_state_dict(state["scaler"])
     if trainer.xbm is not None and state["xbm"] is not None:
@@ -115,9 +122,18 @@ def load_training_state(trainer) -> None:
 
 def truncate_log(log: Path, epochs_done: int) -> None:
     """Drop log lines of epochs the checkpoint does not include (written after it, before a crash)."""
-    if log.is_file():
-        lines = [line for line in log.read_text().splitlines() if line.strip()]
-        log.write_text("".join(line + "\n" for line in lines if json.loads(line)["epoch"] <= epochs_done))
+    if not log.is_file():
+        return
+    kept = []
+    for line in log.read_text().splitlines():
+        try:
+            if json.loads(line)["epoch"] <= epochs_done:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+            pass
+    tmp = log.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, log)
 
 
 def prepare_run_directory(out: Path, weights: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> None:

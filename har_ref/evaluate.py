@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import ImageFolderDataset, PromptBank, build_splits, make_eval_loader
+from .data import ImageFolderDataset, PromptBank, build_splits, make_eval_loader, write_skipped
 from .metrics import compute_metrics, expected_calibration_error, reliability_diagram_data, softmax
 from .model import DualEncoder, load_model
 from .plots import plot_confusion
@@ -98,6 +98,8 @@ def evaluate_model(model: DualEncoder, tokenizer, data_dir: str | Path, out_dir:
     metrics["family"] = model.cfg.family
     metrics["split"] = split
     metrics["skipped_images"] = [[str(p), r] for p, r in getattr(dataset, "skipped", [])]
+    if dataset.skipped or (out_dir / "skipped.txt").is_file():
+        write_skipped(out_dir, split, dataset.skipped)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_predictions(out_dir / "predictions.csv", dataset.items, indices, logits, class_names)
     plot_confusion(np.asarray(metrics["confusion_normalized"]), class_names,
@@ -107,6 +109,9 @@ def evaluate_model(model: DualEncoder, tokenizer, data_dir: str | Path, out_dir:
 
 def evaluate(weights: str | Path, data_dir: str | Path, out_dir: str | Path, prompts=None,
              batch_size: int = 64, workers: int = 0, device: str = "cpu") -> dict:
-    """`python -m har_ref evaluate`: a converted pretrained checkpoint (zero-shot) or a run directory."""
+    """`python -m har_ref evaluate`: a converted pretrained checkpoint (zero-shot) or a run directory
+    (scored with the template bank it was trained with, its prompts.json, unless --prompts is given)."""
     model = load_model(weights, device=device)
+    if prompts is None and (Path(weights) / "prompts.json").is_file():
+        prompts = Path(weights) / "prompts.json"
     return evaluate_model(model, load_tokenizer(weights), data_dir, out_dir, prompts, batch_size, workers)

@@ -66,7 +66,9 @@ def save_model(model: DualEncoder, directory: str | Path) -> None:
     model.cfg.save(directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = directory / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "har_ref"})
+    # One metadata key: safetensors writes the metadata map in hash order, which differs between
+    # processes, and a resumed run must write the same bytes as an uninterrupted one.
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, directory / "model.safetensors")
 
 

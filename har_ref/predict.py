@@ -1,62 +1,223 @@
-"""`python -m har_ref predict`: classify single images with one or more checkpoints.
+"""`python -m har_ref predict`: classify image files or folders with one or more checkpoints.
 
-Prints the top-k classes with the model's own probabilities (softmax of the CLIP logits;
-per-class sigmoid for SigLIP, whose loss scores each image-text pair independently) and,
-with --true and --panel, draws the study's compare_viz panel: ground truth in black, each
-model's prediction in green if right and red if wrong.
+For every image and every checkpoint it prints the top-k classes with the model's own
+probabilities, and says which kind they are: CLIP's InfoNCE trains a softmax over the
+candidate classes, so its probabilities sum to 1; SigLIP's loss scores each image-text pair
+with an independent sigmoid, so its per-class probabilities need not. Scores are computed
+exactly as evaluate.py scores the test split (template-ensemble class embeddings, the
+model's exp(t) * cos (+ b)), so a prediction here equals that image's row of predictions.csv.
+
+Label space, per checkpoint: --classes if given, else the run directory's classes.json
+(training writes it), else the 15 HAR classes; template bank: --prompts if given, else the
+run directory's prompts.json, else the packaged one. Each model's header names both sources.
+
+--json PATH writes one JSON object per image per model (`-`: stdout, and then stdout holds
+JSON only). Images are decoded and embedded --batch-size at a time, so a folder of
+thousands never holds all its pixels at once; unreadable images are skipped with one line on
+stderr each, and only when none could be read is that an error (exit status 2).
+With --true and --panel it draws the study's compare_viz panel for one image.
 """
 from __future__ import annotations
 
+import json
+import os
+import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from .data import PromptBank
-from .evaluate import MODEL_NAMES, class_embeddings
-from .model import DualEncoder, load_model
 from .compare_viz import compare_panel
+from .config import ModelConfig
+from .data import DEFAULT_PROMPTS, IMAGE_EXTENSIONS, PromptBank
+from .evaluate import MODEL_NAMES, class_embeddings
+from .model import load_model
+from .synthetic import CLASS_NAMES
 from .tokenizer import load_tokenizer
 from .transforms import build_transform, load_image
 
-
-@torch.no_grad()
-def predict_images(model: DualEncoder, tokenizer, images: list[str | Path], class_names: list[str],
-                   prompts: str | Path | None = None) -> torch.Tensor:
-    """Logits [N_images, K] of one model for the given images (the evaluation's scoring)."""
-    class_emb = class_embeddings(model, tokenizer, PromptBank.from_file(prompts, class_names), class_names)
-    transform = build_transform(model.cfg, train=False)
-    pixels = torch.stack([transform(load_image(p)) for p in images])
-    image_emb = torch.nn.functional.normalize(model.encode_image(pixels).float(), dim=-1)
-    logits = model.logit_scale.exp() * image_emb @ class_emb.T
-    return logits + model.logit_bias if model.logit_bias is not None else logits
+PROBABILITY_KIND = {"clip": "softmax", "siglip": "sigmoid"}
+KIND_HEADER = {"softmax": "softmax probabilities over the {k} classes (sum to 1)",
+               "sigmoid": "per-class sigmoid probabilities (independent, need not sum to 1)"}
 
 
 def probabilities(logits: torch.Tensor, family: str) -> torch.Tensor:
-    # CLIP's InfoNCE trains a softmax over candidates; SigLIP's loss a sigmoid per pair.
-    return logits.softmax(-1) if family == "clip" else logits.sigmoid()
+    # CLIP's InfoNCE trains a softmax over candidates; SigLIP's loss a sigmoid per pair (SigLIP eq. 1).
+    return logits.softmax(-1) if PROBABILITY_KIND[family] == "softmax" else logits.sigmoid()
 
 
-def run_predict(weights: list[str], images: list[str], class_names: list[str], prompts=None, top_k: int = 3,
-                true_class: str | None = None, panel: str | None = None) -> dict[str, list[str]]:
-    """Print the top-k classes of every image for every checkpoint; optionally draw the panel."""
-    if true_class is not None and true_class not in class_names:
-        raise ValueError(f"--true {true_class!r} is not one of the classes: {', '.join(class_names)}.")
-    if panel is not None and (true_class is None or len(images) != 1):
-        raise ValueError("--panel draws one image: pass exactly one image and its --true class.")
+def collect_images(specs: list[str | Path]) -> list[Path]:
+    """Files as given; folders walked recursively for IMAGE_EXTENSIONS, sorted, hidden entries skipped.
+
+    A file named on the command line is kept whatever its extension (the user chose it; if it
+    does not decode it is skipped later, with the reason). Duplicates keep their first place.
+    """
+    found: list[Path] = []
+    for spec in map(Path, specs):
+        if spec.is_dir():
+            inside = []
+            for folder, dirs, files in os.walk(spec):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                inside += [Path(folder) / f for f in files
+                           if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+            if not inside:
+                raise ValueError(f"{spec} holds no image files ({', '.join(IMAGE_EXTENSIONS)}, searched "
+                                 "recursively, hidden files skipped); pass a folder with images or the files.")
+            found += sorted(inside)
+        elif spec.exists() or spec.is_symlink():
+            found.append(spec)  # a broken link is skipped later with its reason
+        else:
+            raise FileNotFoundError(f"{spec} does not exist; pass existing image files or folders.")
+    return list(dict.fromkeys(found))
+
+
+def label_space(weights: Path, class_names: list[str] | None, prompts: str | None) -> tuple[list[str], Path, str]:
+    """(class names, template bank path, one line naming both sources) for one checkpoint."""
+    if class_names is not None:
+        source = f"--classes ({len(class_names)})"
+    elif (weights / "classes.json").is_file():
+        path = weights / "classes.json"
+        try:
+            class_names = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); fix it or pass --classes.") from e
+        if (not isinstance(class_names, list) or not class_names or not all(isinstance(c, str) for c in class_names)
+                or len(set(class_names)) != len(class_names)):
+            raise ValueError(f"{path} must be a JSON list of distinct class names in label order; "
+                             "fix it or pass --classes.")
+        source = f"{path} ({len(class_names)})"
+    else:
+        class_names, source = list(CLASS_NAMES), f"the {len(CLASS_NAMES)} default HAR classes (--classes to change)"
+    if prompts is not None:
+        bank, bank_source = Path(prompts), f"--prompts {prompts}"
+    elif (weights / "prompts.json").is_file():
+        bank = weights / "prompts.json"
+        bank_source = str(bank)
+    else:
+        bank, bank_source = DEFAULT_PROMPTS, f"the packaged har_ref/{DEFAULT_PROMPTS.name}"
+    return class_names, bank, f"classes: {source}; prompts: {bank_source}"
+
+
+def decode_batch(paths: list[Path], bad: dict[Path, str]) -> list[tuple[Path, object]]:
+    """(path, PIL image) for the paths that decode; the others go into `bad` with their reason,
+    reported on stderr once (a second checkpoint meets the same file and stays quiet)."""
+    images = []
+    for path in paths:
+        if path in bad:
+            continue
+        try:
+            images.append((path, load_image(path)))
+        except (ValueError, FileNotFoundError) as e:
+            cause = e.__cause__
+            if cause is None:
+                bad[path] = "not a file (a broken link?)"
+            elif path.stat().st_size == 0:
+                bad[path] = "empty file (0 bytes)"
+            else:
+                bad[path] = f"{type(cause).__name__}: {cause}"
+            print(f"skipped {path}: {bad[path]}", file=sys.stderr, flush=True)
+    return images
+
+
+def fmt(p: float) -> str:
+    # sigmoid probabilities of unlikely classes are often tiny: keep their magnitude visible
+    return f"{p:.4f}" if p >= 1e-3 else f"{p:.1e}"
+
+
+class Predictor:
+    """One checkpoint with its class embeddings, ready to score batches of decoded images."""
+
+    def __init__(self, weights: str | Path, class_names: list[str] | None, prompts: str | None, device: torch.device):
+        self.weights = Path(weights)
+        ModelConfig.load(self.weights)  # fail on a missing checkpoint before any image is decoded
+        self.class_names, self.bank_path, self.source = label_space(self.weights, class_names, prompts)
+        self.bank = PromptBank.from_file(self.bank_path, self.class_names)
+        self.device = device
+
+    @torch.no_grad()
+    def load(self) -> None:
+        self.model = load_model(self.weights, device=self.device)
+        self.family = self.model.cfg.family
+        self.kind = PROBABILITY_KIND[self.family]
+        self.transform = build_transform(self.model.cfg, train=False)
+        self.class_emb = class_embeddings(self.model, load_tokenizer(self.weights), self.bank, self.class_names)
+
+    @torch.no_grad()
+    def logits(self, images: list) -> torch.Tensor:
+        """[B, K] logits, as evaluate.image_scores computes them."""
+        pixels = torch.stack([self.transform(image) for image in images]).to(self.device)
+        image_emb = F.normalize(self.model.encode_image(pixels).float(), dim=-1)
+        bias = self.model.logit_bias.float() if self.model.logit_bias is not None else 0.0
+        return (self.model.logit_scale.exp().float() * image_emb @ self.class_emb.T + bias).cpu()
+
+    def unload(self) -> None:
+        del self.model, self.class_emb  # one checkpoint in memory at a time
+
+    def ranked(self, paths: list[Path], top_k: int, batch_size: int, bad: dict[Path, str]):
+        """Yields (path, [(class, probability)] best first) per decodable image, batch_size at a time."""
+        k = min(top_k, len(self.class_names))
+        for start in range(0, len(paths), batch_size):
+            batch = decode_batch(paths[start:start + batch_size], bad)
+            if not batch:
+                continue
+            probs = probabilities(self.logits([image for _, image in batch]), self.family)
+            for (path, _), row in zip(batch, probs):
+                top = row.topk(k)
+                yield path, [(self.class_names[i], v) for v, i in zip(top.values.tolist(), top.indices.tolist())]
+
+
+def run_predict(weights: list[str], images: list[str], class_names: list[str] | None = None, prompts=None,
+                top_k: int = 3, true_class: str | None = None, panel: str | None = None, json_path: str | None = None,
+                batch_size: int = 32) -> dict[str, list[str]]:
+    """Print (and/or write as JSON lines) the top-k classes of every image for every checkpoint.
+
+    Returns {model name: top-1 class per predicted image}. Raises ValueError/FileNotFoundError
+    (one sentence each) on bad arguments, and ValueError when no image could be decoded.
+    """
+    for flag, value in (("--top-k", top_k), ("--batch-size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}.")
+    paths = collect_images(images)
+    if panel is not None and (true_class is None or len(paths) != 1):
+        raise ValueError("--panel draws one image: pass exactly one image file and its --true class.")
+    if json_path not in (None, "-") and not Path(json_path).parent.is_dir():
+        raise FileNotFoundError(f"--json {json_path}: folder {Path(json_path).parent} does not exist; create it "
+                                "or pass another path (or - for stdout).")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    predictors = [Predictor(w, class_names, prompts, device) for w in weights]
+    for p in predictors:
+        if true_class is not None and true_class not in p.class_names:
+            raise ValueError(f"--true {true_class!r} is not one of {p.weights}'s classes: {', '.join(p.class_names)}.")
+    text = sys.stderr if json_path == "-" else sys.stdout  # `--json -`: stdout holds JSON lines only
+    bad: dict[Path, str] = {}
     predictions: dict[str, list[str]] = {}
-    for w in weights:
-        model = load_model(w)
-        name = MODEL_NAMES[model.cfg.family]
-        if name in predictions:  # two checkpoints of one family: tell them apart by directory
-            name = f"{name} ({Path(w).name})"
-        logits = predict_images(model, load_tokenizer(w), images, class_names, prompts)
-        predictions[name] = []
-        for path, row in zip(images, probabilities(logits, model.cfg.family)):
-            top = row.topk(min(top_k, len(class_names)))
-            ranked = ", ".join(f"{class_names[i]} {p:.3f}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
-            print(f"{name}  {path}: {ranked}")
-            predictions[name].append(class_names[int(top.indices[0])])
+    with (open(json_path, "w") if json_path not in (None, "-") else nullcontext(sys.stdout)) as out:
+        for p in predictors:
+            p.load()
+            name = MODEL_NAMES[p.family]
+            if name in predictions:  # two checkpoints of one family: tell them apart by directory
+                name = f"{name} ({p.weights.name})"
+            predictions[name] = []
+            for path, ranked in p.ranked(paths, top_k, batch_size, bad):
+                if not predictions[name] and json_path != "-":
+                    print(f"{name} [{p.weights}]: {KIND_HEADER[p.kind].format(k=len(p.class_names))}", file=text)
+                    print(f"  {p.source}", file=text)
+                predictions[name].append(ranked[0][0])
+                if json_path != "-":
+                    print(f"  {path}: " + ", ".join(f"{c} {fmt(v)}" for c, v in ranked), file=text, flush=True)
+                if json_path is not None:
+                    out.write(json.dumps({"path": str(path), "model": name, "weights": str(p.weights),
+                                          "family": p.family, "probability": p.kind, "source": p.source,
+                                          "top_k": [{"class": c, "probability": v} for c, v in ranked]}) + "\n")
+                    out.flush()
+            p.unload()
+            if not predictions[name]:
+                raise ValueError(f"none of the {len(paths)} image(s) could be decoded (each is named above); "
+                                 "pass readable JPEG/PNG/BMP/WebP files.")
+    if json_path not in (None, "-"):
+        print(f"wrote {json_path}", file=text)
     if panel is not None:
-        compare_panel(load_image(images[0]), true_class, {m: p[0] for m, p in predictions.items()}).save(panel)
-        print(f"wrote {panel}")
+        compare_panel(load_image(paths[0]), true_class, {m: top1[0] for m, top1 in predictions.items()}).save(panel)
+        print(f"wrote {panel}", file=text)
     return predictions

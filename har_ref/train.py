@@ -19,6 +19,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -227,7 +228,9 @@ class Trainer:
             print(f"\n[train] optimizer step {self.step + 1}: non-finite gradients, step skipped", file=sys.stderr)
         self.optimizer.zero_grad(set_to_none=True)
         clamp_logit_scale_(self.model.logit_scale)  # CLIP sec. 2.5: keep exp(t) <= 100
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped first step makes PyTorch warn; the schedule
+            warnings.simplefilter("ignore", UserWarning)  # follows steps taken or skipped alike
+            self.scheduler.step()
         self.step += 1
 
     # ---------------------------------------------------------------- epochs
@@ -329,11 +332,11 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.resume:
             load_training_state(self)
-        elif self.main:
+        elif self.main:  # a resumed run keeps the files its first start wrote
             (self.out / "log.jsonl").write_text("")
-        if self.main:
             self.cfg.save(self.out / "train_config.json")
             self.save_label_space()
+        if self.main:
             self.explain_batch()
         with self.stop:
             while self.epoch < self.cfg.epochs:

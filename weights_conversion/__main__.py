@@ -1,4 +1,4 @@
-"""python -m weights_conversion {hf,open_clip} --src ... --out DIR"""
+"""python -m weights_conversion {hf,open_clip,export-hf} --src ... --out DIR"""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,8 @@ from .common import ConversionError
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m weights_conversion",
-                                     description="Convert upstream CLIP/SigLIP checkpoints to har_ref's format.")
+                                     description="Convert upstream CLIP/SigLIP checkpoints to har_ref's format, "
+                                                 "and har_ref checkpoints back to transformers' (export-hf).")
     sub = parser.add_subparsers(dest="command", required=True)
     hf = sub.add_parser("hf", help="a transformers CLIPModel/SiglipModel directory (save_pretrained or hub)",
                         description="Convert a directory written by CLIPModel/SiglipModel.save_pretrained "
@@ -26,11 +27,20 @@ def main(argv: list[str] | None = None) -> int:
     oc.add_argument("--out", required=True, help="output har_ref checkpoint directory")
     oc.add_argument("--bpe", default=None,
                     help="CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) to write vocab.json/merges.txt from")
+    ex = sub.add_parser("export-hf", help="a har_ref checkpoint or training run -> transformers directory",
+                        description="Write a har_ref checkpoint (or finished training run) directory as "
+                                    "CLIPModel/SiglipModel.save_pretrained would, with its image processor and "
+                                    "tokenizer files, loadable by from_pretrained and CLIPProcessor/SiglipProcessor.")
+    ex.add_argument("--src", required=True, help="har_ref checkpoint or training run directory")
+    ex.add_argument("--out", required=True, help="output transformers checkpoint directory")
     args = parser.parse_args(argv)
     try:
         if args.command == "hf":
             from .hf import convert_hf
             out = convert_hf(args.src, args.out)
+        elif args.command == "export-hf":
+            from .export_hf import export_hf
+            out = export_hf(args.src, args.out)
         else:
             from .open_clip import convert_open_clip
             out = convert_open_clip(args.src, args.arch, args.out, bpe=args.bpe)

@@ -3,6 +3,7 @@
 Input: what `save_pretrained` writes or the hub serves (config.json, model.safetensors or
 pytorch_model.bin, tokenizer and preprocessor files). Output: har_ref's config.json,
 model.safetensors in har_ref key names (float32), and the tokenizer files copied over.
+`key_table` is the one key mapping; export_hf.py reads it backwards for the other direction.
 """
 from __future__ import annotations
 
@@ -74,60 +75,73 @@ def convert_config(hf: dict, preprocessor: dict | None) -> ModelConfig:
         resize="shortest_edge" if clip else "square")
 
 
-def _map_encoder(m: KeyMapper, src: str, dst: str, layers: int) -> None:
+def _encoder_keys(src: str, dst: str, layers: int) -> list[tuple[str, tuple[str, ...]]]:
+    pairs = []
     for i in range(layers):
         s, d = f"{src}.encoder.layers.{i}", f"{dst}.transformer.blocks.{i}"
         for p in ("weight", "bias"):
-            m.put(f"{d}.attn.qkv.{p}", torch.cat([m.take(f"{s}.self_attn.{n}_proj.{p}") for n in "qkv"]))
-            m.put(f"{d}.attn.out.{p}", m.take(f"{s}.self_attn.out_proj.{p}"))
-            m.put(f"{d}.ln1.{p}", m.take(f"{s}.layer_norm1.{p}"))
-            m.put(f"{d}.ln2.{p}", m.take(f"{s}.layer_norm2.{p}"))
-            m.put(f"{d}.mlp.fc1.{p}", m.take(f"{s}.mlp.fc1.{p}"))
-            m.put(f"{d}.mlp.fc2.{p}", m.take(f"{s}.mlp.fc2.{p}"))
+            pairs += [(f"{d}.attn.qkv.{p}", tuple(f"{s}.self_attn.{n}_proj.{p}" for n in "qkv")),  # fused q | k | v
+                      (f"{d}.attn.out.{p}", (f"{s}.self_attn.out_proj.{p}",)),
+                      (f"{d}.ln1.{p}", (f"{s}.layer_norm1.{p}",)), (f"{d}.ln2.{p}", (f"{s}.layer_norm2.{p}",)),
+                      (f"{d}.mlp.fc1.{p}", (f"{s}.mlp.fc1.{p}",)), (f"{d}.mlp.fc2.{p}", (f"{s}.mlp.fc2.{p}",))]
+    return pairs
 
 
-def _map_layernorm(m: KeyMapper, src: str, dst: str) -> None:
-    for p in ("weight", "bias"):
-        m.put(f"{dst}.{p}", m.take(f"{src}.{p}"))
+def _same_params(modules: dict[str, str],
+                 params: tuple[str, ...] = ("weight", "bias")) -> list[tuple[str, tuple[str, ...]]]:
+    """{har_ref module: transformers module} with the same parameter names."""
+    return [(f"{ours}.{p}", (f"{theirs}.{p}",)) for ours, theirs in modules.items() for p in params]
+
+
+def key_table(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...]]]:
+    """Every har_ref tensor and the transformers tensor(s) it is made of, in both directions.
+
+    Several transformers keys are concatenated along dim 0 into one har_ref tensor (q | k | v,
+    all the same size), so the export (export_hf.py) splits it back into equal chunks. The logit
+    scalars (SCALARS) are 0-d here; their transformers shape is `upstream_scalar_shape`.
+    """
+    clip = cfg.family == "clip"
+    pairs = [("text.token_embed.weight", ("text_model.embeddings.token_embedding.weight",)),
+             ("text.pos_embed", ("text_model.embeddings.position_embedding.weight",)),
+             ("vision.patch_embed.weight", ("vision_model.embeddings.patch_embedding.weight",)),
+             ("vision.pos_embed", ("vision_model.embeddings.position_embedding.weight",)),
+             ("logit_scale", ("logit_scale",))]
+    pairs += _encoder_keys("text_model", "text", cfg.text.layers)
+    pairs += _encoder_keys("vision_model", "vision", cfg.vision.layers)
+    pairs += _same_params({"text.ln_final": "text_model.final_layer_norm",
+                           "vision.ln_post": "vision_model.post_layernorm"})
+    if clip:
+        pairs += [("text.proj.weight", ("text_projection.weight",)),
+                  ("vision.proj.weight", ("visual_projection.weight",)),
+                  ("vision.class_token", ("vision_model.embeddings.class_embedding",))]
+        pairs += _same_params({"vision.ln_pre": "vision_model.pre_layrnorm"})  # sic: upstream's spelling
+    else:
+        h = "vision_model.head"
+        pairs += [("vision.patch_embed.bias", ("vision_model.embeddings.patch_embedding.bias",)),
+                  ("vision.head.probe", (f"{h}.probe",)), ("logit_bias", ("logit_bias",))]
+        pairs += _same_params({"text.proj": "text_model.head", "vision.head.out_proj": f"{h}.attention.out_proj",
+                               "vision.head.mlp.fc1": f"{h}.mlp.fc1", "vision.head.mlp.fc2": f"{h}.mlp.fc2",
+                               "vision.head.ln": f"{h}.layernorm"})
+        pairs += _same_params({"vision.head": f"{h}.attention"}, ("in_proj_weight", "in_proj_bias"))
+    return pairs
+
+
+SCALARS = ("logit_scale", "logit_bias")
+
+
+def upstream_scalar_shape(family: str) -> tuple[int, ...]:
+    """CLIPModel's logit_scale is 0-d; SiglipModel's logit_scale and logit_bias have shape [1]."""
+    return () if family == "clip" else (1,)
 
 
 def convert_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     # Older checkpoints store position_ids buffers; they are arange() and not weights.
     m = KeyMapper(sd, ignore=("embeddings.position_ids",))
-    clip = cfg.family == "clip"
-    # text tower
-    m.put("text.token_embed.weight", m.take("text_model.embeddings.token_embedding.weight"))
-    m.put("text.pos_embed", m.take("text_model.embeddings.position_embedding.weight"))
-    _map_encoder(m, "text_model", "text", cfg.text.layers)
-    _map_layernorm(m, "text_model.final_layer_norm", "text.ln_final")
-    if clip:
-        m.put("text.proj.weight", m.take("text_projection.weight"))
-    else:
-        m.put("text.proj.weight", m.take("text_model.head.weight"))
-        m.put("text.proj.bias", m.take("text_model.head.bias"))
-    # vision tower
-    m.put("vision.patch_embed.weight", m.take("vision_model.embeddings.patch_embedding.weight"))
-    m.put("vision.pos_embed", m.take("vision_model.embeddings.position_embedding.weight"))
-    _map_encoder(m, "vision_model", "vision", cfg.vision.layers)
-    _map_layernorm(m, "vision_model.post_layernorm", "vision.ln_post")
-    if clip:
-        m.put("vision.class_token", m.take("vision_model.embeddings.class_embedding"))
-        _map_layernorm(m, "vision_model.pre_layrnorm", "vision.ln_pre")  # sic: upstream's spelling
-        m.put("vision.proj.weight", m.take("visual_projection.weight"))
-        m.put("logit_scale", m.take("logit_scale").reshape(()))
-    else:
-        h = "vision_model.head"
-        m.put("vision.patch_embed.bias", m.take("vision_model.embeddings.patch_embedding.bias"))
-        m.put("vision.head.probe", m.take(f"{h}.probe"))
-        m.put("vision.head.in_proj_weight", m.take(f"{h}.attention.in_proj_weight"))
-        m.put("vision.head.in_proj_bias", m.take(f"{h}.attention.in_proj_bias"))
-        for p in ("weight", "bias"):
-            m.put(f"vision.head.out_proj.{p}", m.take(f"{h}.attention.out_proj.{p}"))
-            m.put(f"vision.head.mlp.fc1.{p}", m.take(f"{h}.mlp.fc1.{p}"))
-            m.put(f"vision.head.mlp.fc2.{p}", m.take(f"{h}.mlp.fc2.{p}"))
-        _map_layernorm(m, f"{h}.layernorm", "vision.head.ln")
-        m.put("logit_scale", m.take("logit_scale").reshape(()))  # [1] upstream, a scalar here
-        m.put("logit_bias", m.take("logit_bias").reshape(()))
+    for ours, theirs in key_table(cfg):
+        parts = [m.take(k) for k in theirs]
+        tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
+        # a missing scalar stays empty, so that finish() reports it by name
+        m.put(ours, tensor.reshape(()) if ours in SCALARS and tensor.numel() == 1 else tensor)
     return m.finish(cfg)
 
 
