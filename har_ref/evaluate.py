@@ -3,8 +3,11 @@
 Classification as image-text matching (CLIP sec. 3.1.2): each class is the mean of its
 L2-normalized template embeddings (the prompt ensemble, CLIP sec. 3.1.4), renormalized;
 an image is assigned the class whose embedding scores highest. Scores are the model's own
-logits, exp(t) * cos (+ b for SigLIP), so the softmax used for calibration is the one the
-model was trained to produce.
+logits, exp(t) * cos (+ b for SigLIP). Calibration (ECE, reliability diagram) uses the softmax
+over the K class logits for both models, so the two are compared on one footing: for CLIP it is
+the distribution InfoNCE trains; SigLIP is trained with a per-pair sigmoid instead (its own
+per-class probabilities are what `predict` prints), and the softmax is a choice of this
+comparison (b cancels in it).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Study protocol: CLIP ViT-B/32 with effective batch ~4,000 and XBM ~4,000; SigLIP base/16-224
 with effective batch ~32,000 and XBM ~32,000; AdamW; bf16/fp16 autocast; drop_last;
-one template sampled per example per step; 10 epochs. Every number is overridable by flag.
+one template sampled per example per epoch; 10 epochs. Every number is overridable by flag.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class TrainConfig:
     accum_steps: int = 32  # micro-batches per optimizer step; effective batch = micro_batch * accum_steps
     accum_mode: str = "independent"  # "independent" | "cached" (GradCache: exact large-batch gradients)
     xbm_size: int = 4096  # cross-batch memory entries (0 disables it)
-    xbm_warmup_steps: int = 100  # micro-batches before the memory is used
+    xbm_warmup_steps: int = 100  # enqueues before the memory is used (micro-batches; steps in cached mode)
     lr: float = 1e-5
     weight_decay: float = 0.1
     warmup_steps: int = 2  # optimizer steps of linear warm-up, then cosine decay to 0

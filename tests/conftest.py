@@ -31,3 +31,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """{family: directory} of the demo's tiny CLIP and SigLIP checkpoints (random weights, their own
+    BPE / SentencePiece tokenizers trained on the prompt bank), built once per test session."""
+    from har_ref.data import PromptBank
+    from har_ref.demo import make_tiny_checkpoint
+    from har_ref.synthetic import CLASS_NAMES
+
+    texts, _ = PromptBank.from_file(None, list(CLASS_NAMES)).all_prompts()
+    root = tmp_path_factory.mktemp("tiny_weights")
+    return {family: make_tiny_checkpoint(family, texts, root / family, seed=0) for family in ("clip", "siglip")}

@@ -20,9 +20,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from har_ref.__main__ import main
-from har_ref.data import ImageFolderDataset, PromptBank, build_splits, image_problem, non_image_files
-from har_ref.demo import make_tiny_checkpoint
-from har_ref.synthetic import CLASS_NAMES, generate
+from har_ref.data import ImageFolderDataset, build_splits, image_problem, non_image_files
+from har_ref.synthetic import generate
 from har_ref.transforms import load_image, pil_to_uint8
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -123,12 +122,10 @@ def test_images_between_the_bomb_limit_and_twice_it_are_refused_too(tmp_path, mo
 # ---------------------------------------------------------------- whole commands
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_weights):
     root = tmp_path_factory.mktemp("tiny")
     generate(root / "data", train_per_class=2, test_per_class=1, image_size=32, seed=0)
-    texts, _ = PromptBank.from_file(None, list(CLASS_NAMES)).all_prompts()
-    weights = {f: make_tiny_checkpoint(f, texts, root / f, seed=0) for f in ("clip", "siglip")}
-    return root / "data", weights
+    return root / "data", tiny_weights
 
 
 def train_args(data, weights, out, *extra, model="clip"):
@@ -303,3 +300,19 @@ def test_an_output_directory_holding_another_run_is_refused(tiny, tmp_path, caps
     assert "is the --weights directory" in err
     assert main(train_args(data, weights, run, "--overwrite", model="siglip")) == 0
     assert json.loads((run / "train_config.json").read_text())["model"] == "siglip"
+
+
+def test_nothing_is_unpickled_without_weights_only():
+    """Every torch.load in the package and the converters passes weights_only=True (read from the source)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    calls = []
+    for path in sorted([*(root / "har_ref").glob("*.py"), *(root / "weights_conversion").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                           for k in node.keywords)
+                calls.append((f"{path.name}:{node.lineno}", safe))
+    assert calls and all(safe for _, safe in calls), calls
+    assert not any("pickle.load" in p.read_text() for p in (root / "har_ref").glob("*.py"))

@@ -265,3 +265,29 @@ def test_not_a_checkpoint_exits_2_with_one_line(tmp_path, capsys):
     (tmp_path / "model.safetensors").write_text("")
     assert main(["export-hf", "--src", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "is a transformers checkpoint already" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_a_har_ref_training_run_exports(family, tmp_path, measured):
+    """What a user exports: a run directory trained by har_ref (here the demo's tiny models with
+    their own BPE / SentencePiece tokenizers, one epoch) loads in transformers and agrees with it."""
+    from har_ref.demo import make_tiny_checkpoint
+    from har_ref.synthetic import generate
+    from har_ref.train import train
+    from har_ref.train_config import TrainConfig
+
+    generate(tmp_path / "data", train_per_class=2, test_per_class=1, image_size=32, seed=0)
+    texts, _ = PromptBank.from_file(None, list(CLASS_NAMES)).all_prompts()
+    weights = make_tiny_checkpoint(family, texts, tmp_path / "weights", seed=0)
+    cfg = TrainConfig(model=family, epochs=1, micro_batch=8, accum_steps=1, xbm_size=0, lr=1e-3, warmup_steps=1,
+                      precision="fp32", workers=0)
+    train(cfg, weights, tmp_path / "data", tmp_path / "run")
+    done = run_cli("export-hf", "--src", tmp_path / "run", "--out", tmp_path / "export")
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    model_class = CLIPModel if family == "clip" else SiglipModel
+    reloaded, _ = load_hf(model_class, tmp_path / "export")
+    ids, mask = check_processor(tmp_path / "export", tmp_path / "run", model_class, f"trained {family} run", measured)
+    ours = har_ref.load_model(tmp_path / "run")
+    size = ours.cfg.vision.image_size
+    x = torch.randn(ids.shape[0], 3, size, size)
+    check_parity(reloaded, ours, x, ids, None, f"trained {family} run", measured)

@@ -23,9 +23,7 @@ import pytest
 import torch
 
 from har_ref.checkpoint import find_checkpoint
-from har_ref.data import PromptBank
-from har_ref.demo import make_tiny_checkpoint
-from har_ref.synthetic import CLASS_NAMES, generate
+from har_ref.synthetic import generate
 from har_ref.train import Trainer
 from har_ref.train_config import TrainConfig
 
@@ -42,10 +40,8 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    texts, _ = PromptBank.from_file(None, list(CLASS_NAMES)).all_prompts()
-    root = tmp_path_factory.mktemp("weights")
-    return {family: make_tiny_checkpoint(family, texts, root / family, seed=0) for family in ("clip", "siglip")}
+def weights(tiny_weights):
+    return tiny_weights
 
 
 def flags(model: str, weights, data_dir, out: Path, **extra) -> list[str]:

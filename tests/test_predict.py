@@ -20,7 +20,6 @@ import torch
 from har_ref import load_model, load_tokenizer
 from har_ref.__main__ import main
 from har_ref.data import PromptBank
-from har_ref.demo import make_tiny_checkpoint
 from har_ref.evaluate import class_embeddings, image_scores
 from har_ref.predict import fmt
 from har_ref.synthetic import CLASS_NAMES, generate
@@ -39,10 +38,8 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    texts, _ = PromptBank.from_file(None, list(CLASS_NAMES)).all_prompts()
-    root = tmp_path_factory.mktemp("weights")
-    return {family: make_tiny_checkpoint(family, texts, root / family, seed=0) for family in ("clip", "siglip")}
+def weights(tiny_weights):
+    return tiny_weights
 
 
 def predict(capsys, *args) -> tuple[int, str, str]:
