@@ -11,10 +11,15 @@ positives (losses.py). Gradient accumulation has two modes:
   is one contrastive problem. Embed every micro-batch without grad, take the loss
   gradient w.r.t. the embeddings, then re-run each micro-batch with grad and backpropagate
   those embedding gradients. Exact large-batch gradients at one micro-batch's activation memory.
+
+A run is checkpointed at epoch ends, by time and by micro-batch count (checkpoint.py), stops
+cleanly on Ctrl-C / SIGTERM, and skips non-finite steps (faults.py); everything a micro-batch
+depends on is a function of (seed, epoch, index), so a resumed run continues bit for bit.
 """
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import sys
@@ -257,9 +262,11 @@ class Trainer:
                 self.optimizer_step()
             self.batch_in_epoch += 1
             images += pixels.shape[0] * dist.world_size()
-            if loss is not None and self.nonfinite.observe(loss, f"epoch {self.epoch + 1}, micro-batch "
-                                                                 f"{self.batch_in_epoch}, step {self.step}"):
-                self.epoch_losses.append(loss)
+            if loss is not None:  # under DDP a non-finite loss on any rank counts on all (they stop together)
+                agreed = float("nan") if dist.any_rank(not math.isfinite(loss)) else loss
+                if self.nonfinite.observe(agreed, f"epoch {self.epoch + 1}, micro-batch {self.batch_in_epoch}, "
+                                                  f"step {self.step}"):
+                    self.epoch_losses.append(loss)
             self.progress(self.batch_in_epoch - first, n_micro - first, n_micro, images, start)
             self.after_micro_batch()
         record = {"epoch": self.epoch + 1, "loss": sum(self.epoch_losses) / max(1, len(self.epoch_losses)),
