@@ -17,7 +17,7 @@ import os
 import random
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -195,11 +195,12 @@ def non_image_files(data_dir: str | Path) -> list[tuple[str, str]]:
 
 def check_every_class_readable(items: Sequence[tuple[str, int]], kept: Sequence[tuple[str, int]],
                                skipped: Sequence[tuple[str, str]]) -> None:
-    """A class whose images were all unreadable would silently vanish from training: refuse."""
+    """A class (an image's folder, DATA/split/<class>/) whose images were all unreadable would silently
+    vanish from training: refuse, naming the folder."""
     if not kept:
         raise ValueError(f"None of the {len(items)} images could be read (first: {skipped[:1]}); "
                          "check the data directory.")
-    empty = sorted({Path(p).parent.name for p, c in items} - {Path(p).parent.name for p, c in kept})
+    empty = sorted({Path(p).parent.name for p, _ in items} - {Path(p).parent.name for p, _ in kept})
     if empty:
         folders = sorted({str(Path(p).parent) for p, _ in items if Path(p).parent.name in empty})
         raise ValueError(f"class folder(s) {', '.join(folders)} have no readable image (all were skipped, "
@@ -267,9 +268,8 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         path, class_id = self.items[index]
-        if self.seed is None:
-            return self.transform(load_image(path)), class_id, index
-        with seeded_global_rng(item_seed(self.seed, epoch, index)):
+        draws = nullcontext() if self.seed is None else seeded_global_rng(item_seed(self.seed, epoch, index))
+        with draws:
             return self.transform(load_image(path)), class_id, index
 
 
