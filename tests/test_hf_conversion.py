@@ -74,6 +74,12 @@ def test_cli_help_and_error_exit(tmp_path):
                            "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert done.returncode == 2
     assert "config.json not found" in done.stderr and "Traceback" not in done.stderr
+    (tmp_path / "truncated.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{")
+    done = subprocess.run([sys.executable, "-m", "weights_conversion", "open_clip", "--src",
+                           str(tmp_path / "truncated.safetensors"), "--arch", "ViT-B-32", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "is not a readable safetensors file" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
 def test_full_hf_checkpoint_round_trip(tmp_path):

@@ -10,10 +10,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from har_ref.config import ModelConfig
-from har_ref.model import DualEncoder, save_model
+from har_ref.model import DualEncoder, read_safetensors, save_model
 
 
 class ConversionError(ValueError):
@@ -26,7 +25,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConversionError(f"{path} not found: pass the checkpoint file or directory with --src.")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return read_safetensors(path)
+        except ValueError as e:  # damaged or not safetensors at all: one sentence, not a traceback
+            raise ConversionError(str(e)) from e
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything that is not plain tensors/containers
