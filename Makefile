@@ -35,10 +35,10 @@ compare: setup
 	$(PY) -m har_ref compare runs/clip runs/siglip --out runs/compare
 
 bench: setup
-	$(PY) tests/bench.py --out bench.json
+	$(PY) tests/bench/bench.py --out bench.json
 
 bench-gpu: setup
-	$(PY) tests/bench_gpu.py --out bench_gpu.json
+	$(PY) tests/bench/bench_gpu.py --out bench_gpu.json
 
 clean:
 	rm -rf $(VENV) runs/demo .pytest_cache

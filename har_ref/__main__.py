@@ -9,8 +9,8 @@ import argparse
 import sys
 from dataclasses import fields
 
-from .faults import TrainingStopped
-from .train_config import TrainConfig, preset
+from .train.faults import TrainingStopped
+from .train.config import TrainConfig, preset
 
 GET_WEIGHTS = ("convert a checkpoint first: `python -m weights_conversion hf --src HF_DIR --out DIR` "
                "(see README: Real checkpoints)")
@@ -47,8 +47,8 @@ def train_config_from(args) -> TrainConfig:
 def class_names_from(spec: str | None) -> list[str]:
     from pathlib import Path
 
-    from .data import find_classes
-    from .synthetic import CLASS_NAMES
+    from .data.folders import find_classes
+    from .data.classes import CLASS_NAMES
 
     if spec is None:
         return list(CLASS_NAMES)
@@ -122,28 +122,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> None:
     if args.command == "train":
-        from .train import train
+        from .train.loop import train
         train(train_config_from(args), args.weights, args.data, args.out, resume=args.resume,
               overwrite=args.overwrite)
     elif args.command == "evaluate":
-        from .evaluate import evaluate
+        from .eval.evaluate import evaluate
         m = evaluate(args.weights, args.data, args.out, args.prompts, args.batch_size, args.workers)
         print(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ECE {m['ece']:.4f} -> {args.out}")
     elif args.command == "compare":
-        from .report import compare_runs
+        from .eval.report import compare_runs
         path = compare_runs(args.run_clip, args.run_siglip, args.out, n_resamples=args.resamples, seed=args.seed)
         print(f"wrote {path}")
     elif args.command == "prompts":
-        from .prompt_ablation import ablate_prompts
+        from .eval.prompt_ablation import ablate_prompts
         ablate_prompts(args.weights, args.data, args.out, val_fraction=args.val_fraction, seed=args.seed,
                        top_k=args.top_k)
         print(f"wrote {args.out}/prompt_ablation.md and {args.out}/best_prompts.json")
     elif args.command == "predict":
-        from .predict import run_predict
+        from .eval.predict import run_predict
         run_predict(args.weights, args.images, class_names_from(args.classes) if args.classes else None,
                     args.prompts, args.top_k, args.true, args.panel, args.json, args.batch_size)
     elif args.command == "prepare":
-        from .prepare import prepare_splits
+        from .data.prepare import prepare_splits
         report = prepare_splits(args.csv, args.images, args.out, args.test_per_class, args.seed)
         print(f"wrote {args.out}/train and {args.out}/test; report in {args.out}/prepare_report.json")
         for key, problem in report.items():
@@ -152,11 +152,11 @@ def run(args) -> None:
         if "note" in report:
             print(f"  note: {report['note']}")
     elif args.command == "synth":
-        from .synthetic import generate
+        from .demo.synthetic import generate
         generate(args.out, train_per_class=args.train_per_class, test_per_class=args.test_per_class, seed=args.seed)
         print(f"wrote {args.out}/train and {args.out}/test")
     elif args.command == "demo":
-        from .demo import run_demo
+        from .demo.demo import run_demo
         run_demo(args.out, seed=args.seed)
 
 

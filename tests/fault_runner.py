@@ -19,7 +19,7 @@ import torch
 torch.set_num_threads(1)  # the same arithmetic in every process (tests/test_faults.py compares bytes)
 
 from har_ref.__main__ import main  # noqa: E402
-from har_ref.train import Trainer  # noqa: E402
+from har_ref.train.loop import Trainer  # noqa: E402
 
 fault = json.loads(sys.argv[1])
 current = {"micro": 0}

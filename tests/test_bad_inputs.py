@@ -20,9 +20,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from har_ref.__main__ import main
-from har_ref.data import ImageFolderDataset, build_splits, image_problem, non_image_files
-from har_ref.synthetic import generate
-from har_ref.transforms import load_image, pil_to_uint8
+from har_ref.data.folders import ImageFolderDataset, build_splits, image_problem, non_image_files
+from har_ref.demo.synthetic import generate
+from har_ref.model.transforms import load_image, pil_to_uint8
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from har_ref.data import PromptBank
-from har_ref.demo import make_tiny_checkpoint
-from har_ref.synthetic import CLASS_NAMES, write_flat_csv_layout
+from har_ref.data.folders import PromptBank
+from har_ref.demo.demo import make_tiny_checkpoint
+from har_ref.demo.synthetic import CLASS_NAMES, write_flat_csv_layout
 
 
 def cli(*args, ok=True):

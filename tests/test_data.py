@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-import har_ref.data as data
-from har_ref.data import (PromptBank, ImageFolderDataset, build_splits, class_phrase, make_eval_loader,
+import har_ref.data.folders as data
+from har_ref.data.folders import (PromptBank, ImageFolderDataset, build_splits, class_phrase, make_eval_loader,
                           make_train_loader)
-from har_ref.prepare import prepare_splits
-from har_ref.synthetic import CLASS_NAMES, write_flat_csv_layout
+from har_ref.data.prepare import prepare_splits
+from har_ref.demo.synthetic import CLASS_NAMES, write_flat_csv_layout
 
 
 def write_png(path: Path, value: int = 0, size: int = 8) -> Path:

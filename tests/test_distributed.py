@@ -6,7 +6,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from har_ref import distributed
-from har_ref.losses import balanced_pos_weight, clip_loss, siglip_loss
+from har_ref.train.losses import balanced_pos_weight, clip_loss, siglip_loss
 
 WORLD, N, IN_DIM, DIM = 2, 8, 5, 3  # 8 pairs split 4 + 4
 LABELS = torch.tensor([0, 1, 0, 2, 1, 1, 2, 0])  # positives inside each shard and across shards

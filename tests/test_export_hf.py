@@ -30,10 +30,10 @@ from transformers.initialization import no_init_weights  # noqa: E402
 from test_model_parity import EMB_TOL, LOGIT_TOL, randomize, text_batch  # noqa: E402
 
 import har_ref  # noqa: E402
-from har_ref.data import PromptBank  # noqa: E402
-from har_ref.synthetic import CLASS_NAMES  # noqa: E402
-from har_ref.tokenizer_training import train_clip_bpe, train_sentencepiece  # noqa: E402
-from har_ref.transforms import build_transform  # noqa: E402
+from har_ref.data.folders import PromptBank  # noqa: E402
+from har_ref.demo.synthetic import CLASS_NAMES  # noqa: E402
+from har_ref.demo.tokenizer_training import train_clip_bpe, train_sentencepiece  # noqa: E402
+from har_ref.model.transforms import build_transform  # noqa: E402
 from weights_conversion.__main__ import main  # noqa: E402
 from weights_conversion.export_hf import export_hf  # noqa: E402
 from weights_conversion.hf import convert_hf  # noqa: E402
@@ -271,10 +271,10 @@ def test_not_a_checkpoint_exits_2_with_one_line(tmp_path, capsys):
 def test_a_har_ref_training_run_exports(family, tmp_path, measured):
     """What a user exports: a run directory trained by har_ref (here the demo's tiny models with
     their own BPE / SentencePiece tokenizers, one epoch) loads in transformers and agrees with it."""
-    from har_ref.demo import make_tiny_checkpoint
-    from har_ref.synthetic import generate
-    from har_ref.train import train
-    from har_ref.train_config import TrainConfig
+    from har_ref.demo.demo import make_tiny_checkpoint
+    from har_ref.demo.synthetic import generate
+    from har_ref.train.loop import train
+    from har_ref.train.config import TrainConfig
 
     generate(tmp_path / "data", train_per_class=2, test_per_class=1, image_size=32, seed=0)
     texts, _ = PromptBank.from_file(None, list(CLASS_NAMES)).all_prompts()

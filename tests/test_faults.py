@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from har_ref.checkpoint import find_checkpoint
-from har_ref.synthetic import generate
-from har_ref.train import Trainer
-from har_ref.train_config import TrainConfig
+from har_ref.train.checkpoint import find_checkpoint
+from har_ref.demo.synthetic import generate
+from har_ref.train.loop import Trainer
+from har_ref.train.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RUNNER = Path(__file__).with_name("fault_runner.py")
@@ -207,14 +207,14 @@ def test_consecutive_nan_losses_stop_the_run_and_keep_the_last_good_checkpoint(w
     assert "epoch 1, micro-batch 7" in err.splitlines()[-1]
     state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert state["micro_step"] == 6 and state["step"] == 3  # written after micro-batch 6, not after the 7th
-    from har_ref.model import load_model
+    from har_ref.model.dual_encoder import load_model
     good = load_model(out / "checkpoint")
     assert all_finite(good)
 
 
 def test_fp16_overflow_is_skipped_by_the_grad_scaler_and_counted(weights, data_dir, tmp_path, monkeypatch):
     """A finite loss whose scaled gradients overflow: the GradScaler skips the step and halves its scale."""
-    import har_ref.train as train_module
+    import har_ref.train.loop as train_module
 
     monkeypatch.setattr(train_module, "grad_scaler", lambda precision, device: torch.amp.GradScaler("cpu"))
     poison_losses(monkeypatch, {1}, factor=1e36)  # loss ~1e36 is finite; x 65536 (the scale) is not

@@ -91,7 +91,7 @@ def test_full_hf_checkpoint_round_trip(tmp_path):
     from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
 
     from har_ref import load_model, load_tokenizer
-    from har_ref.tokenizer_training import bytes_to_unicode
+    from har_ref.demo.tokenizer_training import bytes_to_unicode
 
     lines = gzip.open(open_clip_tokenizer.default_bpe()).read().decode("utf-8").split("\n")
     merges = lines[1:49152 - 256 - 2 + 1]

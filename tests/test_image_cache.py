@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from har_ref.config import clip_vit_b32, siglip_base_patch16_224
-from har_ref.data import ImageFolderDataset
-from har_ref.image_cache import CachedImageDataset
-from har_ref.transforms import build_transform
+from har_ref.model.config import clip_vit_b32, siglip_base_patch16_224
+from har_ref.data.folders import ImageFolderDataset
+from har_ref.data.image_cache import CachedImageDataset
+from har_ref.model.transforms import build_transform
 
 SIZE = 32
 CONFIGS = {"clip": replace(clip_vit_b32(), vision=replace(clip_vit_b32().vision, image_size=SIZE)),

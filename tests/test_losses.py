@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench_tools import tensor_allocations  # tests/: the profiler bookkeeping `make bench` uses
-from har_ref.losses import (balanced_pos_weight, clamp_logit_scale_, clip_loss, positive_mask,
+from bench.bench_tools import tensor_allocations  # tests/bench/: the profiler bookkeeping `make bench` uses
+from har_ref.train.losses import (balanced_pos_weight, clamp_logit_scale_, clip_loss, positive_mask,
                             siglip_loss)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

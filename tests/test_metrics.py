@@ -1,4 +1,4 @@
-"""har_ref.metrics against scikit-learn / scipy and hand-computed values."""
+"""har_ref.eval.metrics against scikit-learn / scipy and hand-computed values."""
 import json
 
 import numpy as np
@@ -14,8 +14,8 @@ from sklearn.metrics import (
     recall_score,
 )
 
-from har_ref import metrics
-from har_ref.metrics import (
+from har_ref.eval import metrics
+from har_ref.eval.metrics import (
     compute_metrics,
     expected_calibration_error,
     mcnemar_exact,

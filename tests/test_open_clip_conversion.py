@@ -25,7 +25,7 @@ from open_clip.tokenizer import SimpleTokenizer, default_bpe  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import har_ref  # noqa: E402
-from har_ref.model import DualEncoder  # noqa: E402
+from har_ref.model.dual_encoder import DualEncoder  # noqa: E402
 from weights_conversion.__main__ import main  # noqa: E402
 from weights_conversion.common import ConversionError  # noqa: E402
 from weights_conversion.open_clip import arch_config, convert_open_clip, convert_state_dict  # noqa: E402

@@ -1,10 +1,10 @@
-"""har_ref.plots: files are PNGs, colours stand where they mean something, nothing is clipped."""
+"""har_ref.eval.plots: files are PNGs, colours stand where they mean something, nothing is clipped."""
 import numpy as np
 import pytest
 from PIL import Image, ImageFont
 
-from har_ref import compare_viz, plots
-from har_ref.metrics import reliability_diagram_data, softmax
+from har_ref.eval import compare_viz, plots
+from har_ref.eval.metrics import reliability_diagram_data, softmax
 
 CLASSES = ("calling clapping cycling dancing drinking eating fighting hugging laughing "
            "listening_to_music running sitting sleeping texting using_laptop").split()

@@ -10,7 +10,7 @@ Measured (torch 2.14.1, CPU with avx512_bf16): minimum cosine over the batch
     CLIP   image 0.999953, text 0.999965
     SigLIP image 0.999974, text 0.999968
 and the bf16 zero-shot argmax (image x text logits) agrees with fp32's on this batch. At the real
-sizes (tests/bench.py, random weights, batch 8, study prompts) the minima are 0.99995 / 0.99997
+sizes (tests/bench/bench.py, random weights, batch 8, study prompts) the minima are 0.99995 / 0.99997
 (CLIP image / text) and 0.99998 / 0.99997 (SigLIP).
 The loss is not part of this: train.py computes it in fp32 on `.float()` embeddings.
 """
@@ -22,9 +22,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from har_ref.config import clip_vit_b32, siglip_base_patch16_224
-from har_ref.model import DualEncoder
-from har_ref.optim import autocast
+from har_ref.model.config import clip_vit_b32, siglip_base_patch16_224
+from har_ref.model.dual_encoder import DualEncoder
+from har_ref.train.optim import autocast
 
 COS_TOL = 0.999
 SMALL_VISION = dict(image_size=96, patch_size=16, width=384, layers=6, heads=6, mlp_dim=1536)

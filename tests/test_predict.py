@@ -19,13 +19,13 @@ import torch
 
 from har_ref import load_model, load_tokenizer
 from har_ref.__main__ import main
-from har_ref.data import PromptBank
-from har_ref.evaluate import class_embeddings, image_scores
-from har_ref.predict import fmt
-from har_ref.synthetic import CLASS_NAMES, generate
-from har_ref.train import train
-from har_ref.train_config import TrainConfig
-from har_ref.transforms import build_transform, load_image
+from har_ref.data.folders import PromptBank
+from har_ref.eval.evaluate import class_embeddings, image_scores
+from har_ref.eval.predict import fmt
+from har_ref.demo.synthetic import CLASS_NAMES, generate
+from har_ref.train.loop import train
+from har_ref.train.config import TrainConfig
+from har_ref.model.transforms import build_transform, load_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

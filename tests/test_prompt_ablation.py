@@ -1,4 +1,4 @@
-"""har_ref.prompt_ablation: the score of (class, template) is attributed right, the validation slice is a
+"""har_ref.eval.prompt_ablation: the score of (class, template) is attributed right, the validation slice is a
 seeded part of train/ only, and the outputs load back (best_prompts.json through PromptBank)."""
 import json
 import math
@@ -8,17 +8,17 @@ import pytest
 import torch
 from PIL import Image
 
-from har_ref import synthetic
-from har_ref.config import ModelConfig, TextConfig, VisionConfig
-from har_ref.data import DEFAULT_PROMPTS, ImageFolderDataset, PromptBank, build_splits, class_phrase, make_eval_loader
-from har_ref.evaluate import class_embeddings, image_scores
-from har_ref.metrics import compute_metrics
-from har_ref.model import DualEncoder, load_model, save_model
-from har_ref.prompt_ablation import (ablate_prompts, best_prompts, column_labels, candidate_templates,
+from har_ref.demo import synthetic
+from har_ref.model.config import ModelConfig, TextConfig, VisionConfig
+from har_ref.data.folders import DEFAULT_PROMPTS, ImageFolderDataset, PromptBank, build_splits, class_phrase, make_eval_loader
+from har_ref.eval.evaluate import class_embeddings, image_scores
+from har_ref.eval.metrics import compute_metrics
+from har_ref.model.dual_encoder import DualEncoder, load_model, save_model
+from har_ref.eval.prompt_ablation import (ablate_prompts, best_prompts, column_labels, candidate_templates,
                                      model_logits, template_scores, validation_slice)
-from har_ref.tokenizer import load_tokenizer
-from har_ref.tokenizer_training import train_clip_bpe
-from har_ref.transforms import build_transform
+from har_ref.model.tokenizer import load_tokenizer
+from har_ref.demo.tokenizer_training import train_clip_bpe
+from har_ref.model.transforms import build_transform
 
 CLASSES = list(synthetic.CLASS_NAMES)
 VAL_FRACTION, TRAIN_PER_CLASS = 0.4, 5

@@ -1,4 +1,4 @@
-"""har_ref.report: the numbers in report.md are the metrics functions' numbers on the aligned predictions,
+"""har_ref.eval.report: the numbers in report.md are the metrics functions' numbers on the aligned predictions,
 every linked picture is a PNG on disk, and bad inputs fail with one clear error."""
 import json
 import re
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from har_ref import synthetic
-from har_ref.evaluate import write_predictions
-from har_ref.metrics import (compute_metrics, expected_calibration_error, mcnemar_exact, paired_bootstrap,
+from har_ref.demo import synthetic
+from har_ref.eval.evaluate import write_predictions
+from har_ref.eval.metrics import (compute_metrics, expected_calibration_error, mcnemar_exact, paired_bootstrap,
                              softmax)
-from har_ref.plots import display_name
-from har_ref.report import compare_runs, pick_examples
+from har_ref.eval.plots import display_name
+from har_ref.eval.report import compare_runs, pick_examples
 
 CLASSES = ["calling", "running", "texting", "using_laptop"]
 PER_CLASS = 8

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from har_ref.synthetic import CLASS_NAMES, generate, write_flat_csv_layout
+from har_ref.demo.synthetic import CLASS_NAMES, generate, write_flat_csv_layout
 
 
 def files(root: Path) -> dict[str, bytes]:

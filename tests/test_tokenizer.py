@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from har_ref.config import clip_vit_b32, siglip_base_patch16_224
-from har_ref.tokenizer import ClipTokenizer, SiglipTokenizer, load_tokenizer
-from har_ref.tokenizer_training import (bytes_to_unicode, learn_bpe_merges, train_clip_bpe,
+from har_ref.model.config import clip_vit_b32, siglip_base_patch16_224
+from har_ref.model.tokenizer import ClipTokenizer, SiglipTokenizer, load_tokenizer
+from har_ref.demo.tokenizer_training import (bytes_to_unicode, learn_bpe_merges, train_clip_bpe,
                                         train_sentencepiece)
 
 transformers = pytest.importorskip("transformers")
@@ -275,7 +275,7 @@ def test_train_clip_bpe(tmp_path):
     assert ids["eos_token_id"] == ids["pad_token_id"] == len(vocab) - 1
     # Deterministic, also in a fresh process with another hash seed (tokenizers' BpeTrainer is not).
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
-    script = ("import json, sys; from har_ref.tokenizer_training import train_clip_bpe; "
+    script = ("import json, sys; from har_ref.demo.tokenizer_training import train_clip_bpe; "
               "train_clip_bpe(json.load(open(sys.argv[1])), sys.argv[2], 1000)")
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "prompts.json"), str(tmp_path / "b")],
                    check=True, env=dict(os.environ, PYTHONHASHSEED="123"), cwd=Path(__file__).parent.parent)

@@ -17,11 +17,11 @@ transformers = pytest.importorskip("transformers")
 from transformers import (CLIPConfig, CLIPModel, CLIPTokenizer, SiglipConfig, SiglipModel,  # noqa: E402
                           SiglipTokenizer)
 
-from har_ref.data import PromptBank  # noqa: E402
-from har_ref.synthetic import CLASS_NAMES, generate  # noqa: E402
-from har_ref.tokenizer_training import train_clip_bpe, train_sentencepiece  # noqa: E402
-from har_ref.train import Trainer, train  # noqa: E402
-from har_ref.train_config import TrainConfig  # noqa: E402
+from har_ref.data.folders import PromptBank  # noqa: E402
+from har_ref.demo.synthetic import CLASS_NAMES, generate  # noqa: E402
+from har_ref.demo.tokenizer_training import train_clip_bpe, train_sentencepiece  # noqa: E402
+from har_ref.train.loop import Trainer, train  # noqa: E402
+from har_ref.train.config import TrainConfig  # noqa: E402
 from weights_conversion.hf import convert_hf  # noqa: E402
 
 
@@ -99,7 +99,7 @@ def test_train_writes_a_complete_run(model, clip_weights, siglip_weights, data_d
 def test_resume_continues_where_it_stopped(clip_weights, data_dir, tmp_path, monkeypatch):
     """A run killed right after its first checkpoint, resumed, logs what an uninterrupted run logs
     (7 micro-batches per epoch and 2 per step: the checkpoint holds half a step's gradients)."""
-    import har_ref.train as train_module
+    import har_ref.train.loop as train_module
 
     full, part = tmp_path / "full", tmp_path / "part"
     train(tiny_cfg("clip"), clip_weights, data_dir, full)

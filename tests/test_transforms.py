@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from har_ref.config import clip_vit_b32, siglip_base_patch16_224
-from har_ref.transforms import build_transform, load_image, normalize_uint8, to_uint8_resized
+from har_ref.model.config import clip_vit_b32, siglip_base_patch16_224
+from har_ref.model.transforms import build_transform, load_image, normalize_uint8, to_uint8_resized
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from har_ref.losses import clip_loss, siglip_loss
-from har_ref.xbm import CrossBatchMemory
+from har_ref.train.losses import clip_loss, siglip_loss
+from har_ref.train.xbm import CrossBatchMemory
 from test_losses import naive_clip_loss, naive_siglip_loss
 
 

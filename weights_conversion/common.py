@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from har_ref.config import ModelConfig
-from har_ref.model import DualEncoder, read_safetensors, save_model
+from har_ref.model.config import ModelConfig
+from har_ref.model.dual_encoder import DualEncoder, read_safetensors, save_model
 
 
 class ConversionError(ValueError):

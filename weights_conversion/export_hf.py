@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from har_ref.config import ModelConfig
-from har_ref.model import load_model
-from har_ref.tokenizer import CLIP_BOS, CLIP_EOS, SIGLIP_EOS, SIGLIP_UNK, ClipTokenizer, load_tokenizer
+from har_ref.model.config import ModelConfig
+from har_ref.model.dual_encoder import load_model
+from har_ref.model.tokenizer import CLIP_BOS, CLIP_EOS, SIGLIP_EOS, SIGLIP_UNK, ClipTokenizer, load_tokenizer
 
 from .common import ConversionError
 from .hf import HF_ACTIVATIONS, SCALARS, key_table, upstream_scalar_shape

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from har_ref.config import OPENAI_MEAN, OPENAI_STD, ModelConfig, TextConfig, VisionConfig
+from har_ref.model.config import OPENAI_MEAN, OPENAI_STD, ModelConfig, TextConfig, VisionConfig
 
 from .common import ConversionError, KeyMapper, read_state_dict, write_checkpoint
 
@@ -162,7 +162,7 @@ def tokenizer_pad_id(src: Path, cfg: ModelConfig) -> int:
     transformers' CLIP text config says pad_token_id=1, but its tokenizer pads with
     <|endoftext|> (49407); SigLIP pads with </s>. The tokenizer files are the authority.
     """
-    from har_ref.tokenizer import ClipTokenizer, SiglipTokenizer, declared_pad_token, token_id
+    from har_ref.model.tokenizer import ClipTokenizer, SiglipTokenizer, declared_pad_token, token_id
 
     has_files = any((src / f).is_file() for f in ("tokenizer.json", "vocab.json", "spiece.model"))
     if not has_files:

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from har_ref.config import ModelConfig, clip_vit_b32, siglip_base_patch16_224
+from har_ref.model.config import ModelConfig, clip_vit_b32, siglip_base_patch16_224
+from har_ref.model.tokenizer import bytes_to_unicode
 
 from .common import ConversionError, KeyMapper, read_state_dict, write_checkpoint
 
@@ -45,7 +46,7 @@ SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")  # transformers' spelling;
 def arch_config(arch: str) -> ModelConfig:
     """har_ref's config for an open_clip architecture (open_clip/model_configs/{arch}.json).
 
-    Sizes and epsilons are those of the presets in har_ref.config (KeyMapper.finish checks every
+    Sizes and epsilons are those of the presets in har_ref.model.config (KeyMapper.finish checks every
     tensor shape against them). What differs is the activation: open_clip builds nn.GELU (exact)
     unless the config says quick_gelu, and timm's trunk always uses nn.GELU.
       ViT-B-32            exact GELU
@@ -146,19 +147,6 @@ def _reject_torchscript(path: Path) -> None:
                     "and pass that file with --arch ViT-B-32-quickgelu.")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's byte -> printable character table (open_clip/tokenizer.py, from GPT-2)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:  # whitespace/control bytes get unused code points above 255
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def clip_tokenizer_files(bpe: str | Path) -> tuple[dict[str, int], list[str]]:
     """open_clip's gzipped BPE merges -> (vocab, merges) with SimpleTokenizer's ids, in CLIPTokenizer's form."""
     bpe = Path(bpe)
@@ -171,7 +159,7 @@ def clip_tokenizer_files(bpe: str | Path) -> tuple[dict[str, int], list[str]]:
     if len(merges) != NUM_MERGES or any(len(mg.split()) != 2 for mg in merges):
         raise ConversionError(f"{bpe} does not hold CLIP's {NUM_MERGES} BPE merges; pass open_clip's "
                               "bpe_simple_vocab_16e6.txt.gz with --bpe.")
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["".join(mg.split()) for mg in merges] + list(SPECIAL_TOKENS)
     return {tok: i for i, tok in enumerate(tokens)}, merges
 

@@ -32,9 +32,9 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from .config import ModelConfig
-from .data import check_every_class_readable, item_seed, seeded_global_rng
-from .transforms import load_image, normalize_uint8, to_uint8_resized
+from ..model.config import ModelConfig
+from .folders import check_every_class_readable, item_seed, seeded_global_rng
+from ..model.transforms import load_image, normalize_uint8, to_uint8_resized
 
 FORMAT = 1
 # The training augmentation of transforms.build_transform (crop scale 0.6-1, bicubic, flip),

@@ -45,6 +45,14 @@ SIGLIP_EOS = "</s>"
 SIGLIP_UNK = "<unk>"
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's map from each byte to a printable character: printable Latin-1 bytes map to
+    themselves, the other 68 to chr(256), chr(257), ... in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return dict(zip(printable + others, map(chr, printable + list(range(256, 256 + len(others))))))
+
+
 def _check_texts(texts: Sequence[str]) -> list[str]:
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
         raise TypeError("A tokenizer takes a list of strings; wrap a single prompt as [prompt].")

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .model import load_state, read_safetensors, save_model
-from .train_config import TrainConfig
+from ..model.dual_encoder import load_state, read_safetensors, save_model
+from .config import TrainConfig
 
 # Files a run writes into its directory (train.py, evaluate.py); --overwrite removes exactly these.
 RUN_FILES = ("train_config.json", "log.jsonl", "classes.json", "prompts.json", "skipped.txt", "metrics.json",

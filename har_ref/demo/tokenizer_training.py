@@ -22,17 +22,10 @@ from pathlib import Path
 
 import sentencepiece
 
-from .tokenizer import CLIP_BOS, CLIP_EOS, canonicalize_text, clip_normalizer, clip_pre_tokenizer
+from ..model.tokenizer import (CLIP_BOS, CLIP_EOS, bytes_to_unicode, canonicalize_text, clip_normalizer,
+                               clip_pre_tokenizer)
 
 N_BYTES = 256
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's map from each byte to a printable character: printable Latin-1 bytes map to
-    themselves, the other 68 to chr(256), chr(257), ... in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(N_BYTES) if b not in printable]
-    return dict(zip(printable + others, map(chr, printable + list(range(N_BYTES, N_BYTES + len(others))))))
 
 
 def learn_bpe_merges(word_counts: Counter[str], n_merges: int) -> list[tuple[str, str]]:

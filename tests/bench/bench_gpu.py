@@ -1,4 +1,4 @@
-"""GPU training throughput and model FLOPs utilization: `python tests/bench_gpu.py` (issue 5).
+"""GPU training throughput and model FLOPs utilization: `python tests/bench/bench_gpu.py` (issue 5).
 
 A benchmark, not a test (pytest does not collect it). For CLIP ViT-B/32 and SigLIP base/16-224 at
 their real sizes, one full training step exactly as train.py takes it: both towers through
@@ -8,7 +8,7 @@ EmbedBoth (what `train --compile` does). Weights are random from the presets: th
 depend on their values, and nothing is downloaded.
 
 Text: the study's workload shape. CLIP ids are 8-12 random word-piece ids, <|endoftext|>, then
-padding to 77 (the bank's prompts tokenize to 8-12 pieces; tests/bench.py); SigLIP ids fill 64
+padding to 77 (the bank's prompts tokenize to 8-12 pieces; tests/bench/bench.py); SigLIP ids fill 64
 positions (padding included, which SigLIP attends to).
 
 FLOPs per step are counted once by torch.utils.flop_counter.FlopCounterMode (matmuls and attention,
@@ -31,11 +31,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench_tools import contrastive_loss
-from har_ref.config import ModelConfig, clip_vit_b32, siglip_base_patch16_224
-from har_ref.losses import clamp_logit_scale_
-from har_ref.model import DualEncoder
-from har_ref.optim import autocast, build_optimizer
-from har_ref.train import EmbedBoth
+from har_ref.model.config import ModelConfig, clip_vit_b32, siglip_base_patch16_224
+from har_ref.train.losses import clamp_logit_scale_
+from har_ref.model.dual_encoder import DualEncoder
+from har_ref.train.optim import autocast, build_optimizer
+from har_ref.train.loop import EmbedBoth
 
 DENSE_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}  # vendor spec sheets, dense (no sparsity)
 NUM_CLASSES = 15
@@ -136,7 +136,7 @@ def device_peak(device: torch.device, given: float | None) -> tuple[str, float |
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python tests/bench_gpu.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python tests/bench/bench_gpu.py", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")

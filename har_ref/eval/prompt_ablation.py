@@ -23,14 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import DEFAULT_PROMPTS, ImageFolderDataset, PromptBank, build_splits, make_eval_loader
+from ..data.folders import DEFAULT_PROMPTS, ImageFolderDataset, PromptBank, build_splits, make_eval_loader
 from .evaluate import MODEL_NAMES, class_embeddings, evaluate_model
 from .metrics import compute_metrics, mcnemar_exact, paired_bootstrap
-from .model import DualEncoder, load_model
+from ..model.dual_encoder import DualEncoder, load_model
 from .plots import display_name, plot_prompt_heatmap
 from .report import read_predictions
-from .tokenizer import load_tokenizer
-from .transforms import build_transform
+from ..model.tokenizer import load_tokenizer
+from ..model.transforms import build_transform
 
 
 def validation_slice(train_items: list[tuple[str, int]], class_names: list[str], val_fraction: float,

@@ -5,7 +5,7 @@
 
 SigLIP was trained on text padded to 64 tokens and pools the last position, which is
 usually padding; the model attends to the padding, so callers reproduce upstream by
-padding the same way (har_ref.tokenizer does).
+padding the same way (har_ref.model.tokenizer does).
 """
 from __future__ import annotations
 

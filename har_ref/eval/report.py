@@ -21,7 +21,7 @@ import numpy as np
 from .compare_viz import compare_grid, compare_panel
 from .metrics import compute_metrics, mcnemar_exact, paired_bootstrap, reliability_diagram_data, softmax
 from .plots import display_name, plot_confusion, plot_epoch_times, plot_loss_curves, plot_reliability
-from .transforms import load_image
+from ..model.transforms import load_image
 
 ECE_BINS = 15  # as evaluate.py writes metrics.json
 

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import ImageFolderDataset, PromptBank, build_splits, make_eval_loader, write_skipped
+from ..data.folders import ImageFolderDataset, PromptBank, build_splits, make_eval_loader, write_skipped
 from .metrics import compute_metrics, expected_calibration_error, reliability_diagram_data, softmax
-from .model import DualEncoder, load_model
+from ..model.dual_encoder import DualEncoder, load_model
 from .plots import plot_confusion
-from .tokenizer import load_tokenizer
-from .transforms import build_transform
+from ..model.tokenizer import load_tokenizer
+from ..model.transforms import build_transform
 
 MODEL_NAMES = {"clip": "CLIP", "siglip": "SigLIP"}
 

@@ -45,10 +45,10 @@ import torch.nn.functional as F
 
 from bench_tools import bench_loader, bench_losses, contrastive_loss, interleaved, paired_ratios
 from har_ref import load_model, load_tokenizer
-from har_ref.data import PromptBank
-from har_ref.optim import autocast, cpu_supports_bf16
-from har_ref.synthetic import CLASS_NAMES
-from har_ref.tokenizer_training import train_sentencepiece
+from har_ref.data.folders import PromptBank
+from har_ref.train.optim import autocast, cpu_supports_bf16
+from har_ref.demo.synthetic import CLASS_NAMES
+from har_ref.demo.tokenizer_training import train_sentencepiece
 
 CPU = torch.device("cpu")
 THREADS = 2
@@ -244,7 +244,7 @@ def check_targets(rows: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python tests/bench.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python tests/bench/bench.py", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="bench.json", help="where to write the results (JSON)")
     parser.add_argument("--quick", action="store_true",
                         help="study workload, fp32 only, 2 rounds, fewer loader images (~4 min)")

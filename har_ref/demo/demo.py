@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, TextConfig, VisionConfig
-from .data import PromptBank
-from .model import DualEncoder, save_model
+from ..model.config import ModelConfig, TextConfig, VisionConfig
+from ..data.folders import PromptBank
+from ..model.dual_encoder import DualEncoder, save_model
 from .synthetic import CLASS_NAMES, generate
-from .tokenizer import ClipTokenizer, SiglipTokenizer
+from ..model.tokenizer import ClipTokenizer, SiglipTokenizer
 from .tokenizer_training import train_clip_bpe, train_sentencepiece
-from .train import train
-from .train_config import TrainConfig
+from ..train.loop import train
+from ..train.config import TrainConfig
 
 IMAGE_SIZE = 64  # synthetic images are drawn at this size; both tiny ViTs take it as is
 TRAIN_PER_CLASS, TEST_PER_CLASS, EPOCHS = 200, 40, 14
@@ -106,7 +106,7 @@ def _epochs(run: Path) -> list[dict]:
 
 
 def run_demo(out: str | Path = "runs/demo", seed: int = 0) -> Path:
-    from .report import compare_runs
+    from ..eval.report import compare_runs
 
     out = Path(out)
     start = time.perf_counter()

@@ -12,7 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .data import IMAGE_EXTENSIONS
+from .folders import IMAGE_EXTENSIONS
 
 REPORT_EXAMPLES = 5  # how many offending rows/files the prepare report lists per problem
 

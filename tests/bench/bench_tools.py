@@ -1,6 +1,6 @@
 """The parts of `make bench` that are not model comparisons: how time and memory are measured,
 the losses at the study's scale, and the data path with and without the uint8 image cache.
-Imported by tests/bench.py (run it, not this file)."""
+Imported by tests/bench/bench.py (run it, not this file)."""
 from __future__ import annotations
 
 import contextlib
@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from har_ref.config import clip_vit_b32
-from har_ref.data import ImageFolderDataset
-from har_ref.image_cache import CachedImageDataset
-from har_ref.losses import balanced_pos_weight, clip_loss, siglip_loss
-from har_ref.synthetic import CLASS_NAMES, render
-from har_ref.transforms import build_transform
-from har_ref.xbm import CrossBatchMemory
+from har_ref.model.config import clip_vit_b32
+from har_ref.data.folders import ImageFolderDataset
+from har_ref.data.image_cache import CachedImageDataset
+from har_ref.train.losses import balanced_pos_weight, clip_loss, siglip_loss
+from har_ref.demo.synthetic import CLASS_NAMES, render
+from har_ref.model.transforms import build_transform
+from har_ref.train.xbm import CrossBatchMemory
 
 
 # ----------------------------------------------------------------------------- measuring

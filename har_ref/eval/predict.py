@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from .compare_viz import compare_panel
-from .config import ModelConfig
-from .data import DEFAULT_PROMPTS, IMAGE_EXTENSIONS, PromptBank
+from ..model.config import ModelConfig
+from ..data.folders import DEFAULT_PROMPTS, IMAGE_EXTENSIONS, PromptBank
 from .evaluate import MODEL_NAMES, class_embeddings
-from .model import load_model
-from .synthetic import CLASS_NAMES
-from .tokenizer import load_tokenizer
-from .transforms import build_transform, load_image
+from ..model.dual_encoder import load_model
+from ..data.classes import CLASS_NAMES
+from ..model.tokenizer import load_tokenizer
+from ..model.transforms import build_transform, load_image
 
 PROBABILITY_KIND = {"clip": "softmax", "siglip": "sigmoid"}
 KIND_HEADER = {"softmax": "softmax probabilities over the {k} classes (sum to 1)",

@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .distributed import rank, world_size
-from .transforms import check_pixel_count, load_image
+from ..distributed import rank, world_size
+from ..model.transforms import check_pixel_count, load_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DEFAULT_PROMPTS = Path(__file__).with_name("prompts.json")
@@ -124,7 +124,7 @@ def find_classes(root: str | Path) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory; the data directory needs train/<class>/ and "
-                                "test/<class>/ folders (har_ref.data.prepare_splits builds them from the CSV).")
+                                "test/<class>/ folders (har_ref.data.folders.prepare_splits builds them from the CSV).")
     names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not names:
         raise ValueError(f"{root} has no class folders; put each class's images in {root}/<class>/.")

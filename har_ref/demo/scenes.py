@@ -17,10 +17,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-CLASS_NAMES = (
-    "calling", "clapping", "cycling", "dancing", "drinking", "eating", "fighting", "hugging",
-    "laughing", "listening_to_music", "running", "sitting", "sleeping", "texting", "using_laptop",
-)
+from ..data.classes import CLASS_NAMES
+
 TORSO, HEAD_R, UPPER_ARM, FOREARM, THIGH, SHIN = 0.30, 0.10, 0.15, 0.15, 0.20, 0.20
 DARK = (25, 25, 30)
 

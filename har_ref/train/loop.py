@@ -32,19 +32,19 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import distributed as dist
+from .. import distributed as dist
 from .checkpoint import load_training_state, prepare_run_directory, save_training_state
-from .data import (DEFAULT_PROMPTS, ImageFolderDataset, PromptBank, build_splits, make_train_loader, non_image_files,
+from ..data.folders import (DEFAULT_PROMPTS, ImageFolderDataset, PromptBank, build_splits, make_train_loader, non_image_files,
                    write_skipped)
 from .faults import NonFiniteLosses, StopRequest, TrainingStopped
-from .evaluate import evaluate_model
-from .image_cache import CachedImageDataset
+from ..eval.evaluate import evaluate_model
+from ..data.image_cache import CachedImageDataset
 from .losses import balanced_pos_weight, clamp_logit_scale_, clip_loss, siglip_loss
-from .model import DualEncoder, load_model, save_model
+from ..model.dual_encoder import DualEncoder, load_model, save_model
 from .optim import autocast, build_optimizer, grad_scaler, resolve_precision, warmup_cosine
-from .tokenizer import load_tokenizer
-from .train_config import TrainConfig
-from .transforms import build_transform
+from ..model.tokenizer import load_tokenizer
+from .config import TrainConfig
+from ..model.transforms import build_transform
 from .xbm import CrossBatchMemory
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "spiece.model", "tokenizer_config.json",
