@@ -1,4 +1,4 @@
-"""data.py: prompt bank validation, folder splits, bad-image handling, seeded loaders, split preparation."""
+"""data/: prompt bank validation, folder splits, bad-image handling, seeded loaders, split preparation."""
 import csv
 import json
 import os
@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-import har_ref.data.folders as data
-from har_ref.data.folders import (PromptBank, ImageFolderDataset, build_splits, class_phrase, make_eval_loader,
-                          make_train_loader)
+import har_ref.data.folders as folders
+from har_ref.data.folders import ImageFolderDataset, build_splits, make_eval_loader, make_train_loader
+from har_ref.data.prompts import DEFAULT_PROMPTS, PromptBank, PromptSampler, class_phrase
 from har_ref.data.prepare import prepare_splits
 from har_ref.demo.synthetic import CLASS_NAMES, write_flat_csv_layout
 
@@ -40,7 +40,7 @@ def test_packaged_prompt_bank():
     assert class_phrase("listening_to_music") == "listening to music"
     assert "a photo of a person listening to music." in bank.templates_for("listening_to_music")
     assert "a photo of a person using laptop." in bank.templates_for("using_laptop")
-    spec = json.loads(data.DEFAULT_PROMPTS.read_text())
+    spec = json.loads(DEFAULT_PROMPTS.read_text())
     assert len(spec["templates"]) >= 6
     texts, class_ids = bank.all_prompts()
     for class_id, name in enumerate(CLASS_NAMES):
@@ -49,10 +49,14 @@ def test_packaged_prompt_bank():
         assert [t for t, c in zip(texts, class_ids) if c == class_id] == prompts
         assert all("{" not in p and "_" not in p for p in prompts)
     assert "a photo of a person texting on a phone." in bank.templates_for("texting")
-    draws = [bank.sample(13, random.Random(5)) for _ in range(3)]
-    assert len(set(draws)) == 1 and draws[0] in bank.templates_for("texting")
-    rng = random.Random(0)
-    assert {bank.sample(0, rng) for _ in range(500)} == set(bank.templates_for("calling"))
+    # one template per example, a function of (seed, epoch, index): same draw whatever the batch
+    sampler = PromptSampler(bank, list(CLASS_NAMES), lambda texts: (torch.arange(len(texts))[:, None], None),
+                            torch.device("cpu"), seed=5)
+    labels, indices = torch.zeros(500, dtype=torch.long), torch.arange(500)
+    picks = sampler.pick(labels, indices, epoch=0, dataset_size=500)
+    assert sampler.pick(labels[7:9], indices[7:9], epoch=0, dataset_size=500) == picks[7:9]
+    assert set(picks) == set(range(len(bank.templates_for("calling"))))  # every template gets drawn
+    assert sampler.pick(labels, indices, epoch=1, dataset_size=500) != picks
 
 
 def test_replace_templates_stand_alone(tmp_path):
@@ -206,10 +210,10 @@ def test_train_loader_order_depends_on_seed_and_epoch_only(ten_images):
 
 def test_train_loader_shards_under_distributed(ten_images, monkeypatch):
     dataset = ImageFolderDataset(ten_images, to_tensor)
-    monkeypatch.setattr(data, "world_size", lambda: 2)
+    monkeypatch.setattr(folders, "world_size", lambda: 2)
     shards = []
     for r in (0, 1):
-        monkeypatch.setattr(data, "rank", lambda r=r: r)
+        monkeypatch.setattr(folders, "rank", lambda r=r: r)
         shards.append([i for _, _, idx in make_train_loader(dataset, 2, 0, seed=0) for i in idx.tolist()])
     assert len(shards[0]) == len(shards[1]) == 4  # 5 per rank, 2 full batches of 2 each
     assert not set(shards[0]) & set(shards[1])

@@ -30,7 +30,7 @@ from transformers.initialization import no_init_weights  # noqa: E402
 from test_model_parity import EMB_TOL, LOGIT_TOL, randomize, text_batch  # noqa: E402
 
 import har_ref  # noqa: E402
-from har_ref.data.folders import PromptBank  # noqa: E402
+from har_ref.data.prompts import PromptBank  # noqa: E402
 from har_ref.demo.synthetic import CLASS_NAMES  # noqa: E402
 from har_ref.demo.tokenizer_training import train_clip_bpe, train_sentencepiece  # noqa: E402
 from har_ref.model.transforms import build_transform  # noqa: E402

@@ -19,7 +19,7 @@ import torch
 
 from har_ref import load_model, load_tokenizer
 from har_ref.__main__ import main
-from har_ref.data.folders import PromptBank
+from har_ref.data.prompts import PromptBank
 from har_ref.eval.evaluate import class_embeddings, image_scores
 from har_ref.eval.predict import fmt
 from har_ref.demo.synthetic import CLASS_NAMES, generate

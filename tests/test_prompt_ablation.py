@@ -10,7 +10,8 @@ from PIL import Image
 
 from har_ref.demo import synthetic
 from har_ref.model.config import ModelConfig, TextConfig, VisionConfig
-from har_ref.data.folders import DEFAULT_PROMPTS, ImageFolderDataset, PromptBank, build_splits, class_phrase, make_eval_loader
+from har_ref.data.folders import ImageFolderDataset, build_splits, make_eval_loader
+from har_ref.data.prompts import DEFAULT_PROMPTS, PromptBank, class_phrase
 from har_ref.eval.evaluate import class_embeddings, image_scores
 from har_ref.eval.metrics import compute_metrics
 from har_ref.model.dual_encoder import DualEncoder, load_model, save_model

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import (CLIPConfig, CLIPModel, CLIPTokenizer, SiglipConfig, SiglipModel,  # noqa: E402
                           SiglipTokenizer)
 
-from har_ref.data.folders import PromptBank  # noqa: E402
+from har_ref.data.prompts import PromptBank  # noqa: E402
 from har_ref.demo.synthetic import CLASS_NAMES, generate  # noqa: E402
 from har_ref.demo.tokenizer_training import train_clip_bpe, train_sentencepiece  # noqa: E402
 from har_ref.train.loop import Trainer, train  # noqa: E402

@@ -1,9 +1,10 @@
-"""Data: folder splits, the prompt bank, datasets and seeded loaders, and the one-off split preparation.
+"""Data: folder splits, image checks, datasets and seeded loaders.
 
 Layout read by training and evaluation:  DATA/train/<class>/*  and  DATA/test/<class>/*
 (class order = sorted folder names; files sorted by name, so item order never depends on the OS).
 
-prepare.py builds that layout from the dataset as distributed (a flat folder and a CSV).
+prepare.py builds that layout from the dataset as distributed (a flat folder and a CSV); prompts.py
+turns class names into the texts the text tower reads.
 
 Training items are addressed as (epoch, index) by `EpochSampler`, so that a random augmentation
 is a pure function of (seed, epoch, index): the same on 1 or N ranks, with any number of
@@ -29,92 +30,6 @@ from ..distributed import rank, world_size
 from ..model.transforms import check_pixel_count, load_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-DEFAULT_PROMPTS = Path(__file__).with_name("prompts.json")
-
-
-# ---------------------------------------------------------------- prompt bank
-
-def class_phrase(class_name: str) -> str:
-    """Folder name -> the phrase put into templates: "listening_to_music" -> "listening to music"."""
-    return class_name.replace("_", " ")
-
-
-def _check_templates(value, path: Path, key: str, exactly_one: bool) -> list[str]:
-    if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
-        raise ValueError(f"{path}: {key} must be a non-empty list of strings; fix the prompt file.")
-    for t in value:
-        n = t.count("{}")
-        if "{" in t.replace("{}", "") or "}" in t.replace("{}", "") or n > 1 or (exactly_one and n != 1):
-            need = "exactly one {}" if exactly_one else "at most one {}"
-            raise ValueError(f"{path}: template {t!r} in {key} must contain {need} (the class phrase) "
-                             "and no other braces; fix the prompt file.")
-    return value
-
-
-class PromptBank:
-    """Per-class prompts built from an editable JSON template bank (har_ref/prompts.json).
-
-    Schema: {"templates": [...], "class_templates": {class: [...]}, "replace_templates": {class: [...]}}.
-    A class's prompts are the generic `templates` followed by its `class_templates`, unless it has
-    `replace_templates` (written by a per-class prompt ablation), which then stand alone. Generic
-    templates hold exactly one "{}" for the class phrase; per-class ones hold at most one (they may
-    spell the class out, e.g. "a photo of a person typing on a laptop.").
-    """
-
-    def __init__(self, class_names: Sequence[str], prompts: dict[str, list[str]]):
-        self.class_names = list(class_names)
-        self.prompts = prompts  # class name -> filled-in prompt texts
-
-    @classmethod
-    def from_file(cls, path: str | Path | None, class_names: Sequence[str]) -> "PromptBank":
-        """Read and validate a template file (None: the packaged prompts.json)."""
-        path = Path(path) if path is not None else DEFAULT_PROMPTS
-        if not path.is_file():
-            raise FileNotFoundError(f"Prompt file {path} not found; pass an existing JSON file "
-                                    f"(the default is {DEFAULT_PROMPTS}).")
-        try:
-            spec = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); fix the prompt file.") from e
-        if not isinstance(spec, dict) or "templates" not in spec:
-            raise ValueError(f"{path} must be a JSON object with a 'templates' list; fix the prompt file.")
-        unknown = sorted(set(spec) - {"templates", "class_templates", "replace_templates"})
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {unknown}; the allowed keys are 'templates', "
-                             "'class_templates' and 'replace_templates'.")
-        generic = _check_templates(spec["templates"], path, "'templates'", exactly_one=True)
-        per_class = {}
-        for key in ("class_templates", "replace_templates"):
-            table = spec.get(key, {})
-            if not isinstance(table, dict):
-                raise ValueError(f"{path}: '{key}' must be an object mapping class names to template lists.")
-            for name, value in table.items():
-                if name not in class_names:
-                    raise ValueError(f"{path}: '{key}' has unknown class {name!r}; the classes are "
-                                     f"{', '.join(class_names)}.")
-                per_class[key, name] = _check_templates(value, path, f"'{key}'[{name!r}]", exactly_one=False)
-        prompts = {}
-        for name in class_names:
-            templates = (per_class.get(("replace_templates", name))
-                         or generic + per_class.get(("class_templates", name), []))
-            prompts[name] = [t.replace("{}", class_phrase(name)) for t in templates]
-        return cls(class_names, prompts)
-
-    def templates_for(self, class_name: str) -> list[str]:
-        """The prompt texts of one class (templates filled with its phrase)."""
-        return self.prompts[class_name]
-
-    def sample(self, class_id: int, rng: random.Random) -> str:
-        """One prompt of class `class_id`, drawn uniformly: one per training example per step."""
-        return rng.choice(self.prompts[self.class_names[class_id]])
-
-    def all_prompts(self) -> tuple[list[str], list[int]]:
-        """Every prompt of every class with its class id: the evaluation ensemble."""
-        texts, class_ids = [], []
-        for class_id, name in enumerate(self.class_names):
-            texts += self.prompts[name]
-            class_ids += [class_id] * len(self.prompts[name])
-        return texts, class_ids
 
 
 # ---------------------------------------------------------------- folder splits
@@ -124,7 +39,7 @@ def find_classes(root: str | Path) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory; the data directory needs train/<class>/ and "
-                                "test/<class>/ folders (har_ref.data.folders.prepare_splits builds them from the CSV).")
+                                "test/<class>/ folders (`python -m har_ref prepare` builds them from the dataset's CSV).")
     names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not names:
         raise ValueError(f"{root} has no class folders; put each class's images in {root}/<class>/.")

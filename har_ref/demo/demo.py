@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..model.config import ModelConfig, TextConfig, VisionConfig
-from ..data.folders import PromptBank
+from ..data.prompts import PromptBank
 from ..model.dual_encoder import DualEncoder, save_model
 from .synthetic import CLASS_NAMES, generate
 from ..model.tokenizer import ClipTokenizer, SiglipTokenizer

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.folders import ImageFolderDataset, PromptBank, build_splits, make_eval_loader, write_skipped
+from ..data.folders import ImageFolderDataset, build_splits, make_eval_loader, write_skipped
+from ..data.prompts import PromptBank
 from .metrics import compute_metrics, expected_calibration_error, reliability_diagram_data, softmax
 from ..model.dual_encoder import DualEncoder, load_model
 from .plots import plot_confusion

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from .compare_viz import compare_panel
 from ..model.config import ModelConfig
-from ..data.folders import DEFAULT_PROMPTS, IMAGE_EXTENSIONS, PromptBank
+from ..data.folders import IMAGE_EXTENSIONS
+from ..data.prompts import DEFAULT_PROMPTS, PromptBank
 from .evaluate import MODEL_NAMES, class_embeddings
 from ..model.dual_encoder import load_model
 from ..data.classes import CLASS_NAMES

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.folders import DEFAULT_PROMPTS, ImageFolderDataset, PromptBank, build_splits, make_eval_loader
+from ..data.folders import ImageFolderDataset, build_splits, make_eval_loader
+from ..data.prompts import DEFAULT_PROMPTS, PromptBank
 from .evaluate import MODEL_NAMES, class_embeddings, evaluate_model
 from .metrics import compute_metrics, mcnemar_exact, paired_bootstrap
 from ..model.dual_encoder import DualEncoder, load_model

@@ -34,8 +34,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import distributed as dist
 from .checkpoint import load_training_state, prepare_run_directory, save_training_state
-from ..data.folders import (DEFAULT_PROMPTS, ImageFolderDataset, PromptBank, build_splits, make_train_loader, non_image_files,
-                   write_skipped)
+from ..data.folders import ImageFolderDataset, build_splits, make_train_loader, non_image_files, write_skipped
+from ..data.prompts import DEFAULT_PROMPTS, PromptBank, PromptSampler
 from .faults import NonFiniteLosses, StopRequest, TrainingStopped
 from ..eval.evaluate import evaluate_model
 from ..data.image_cache import CachedImageDataset
@@ -62,23 +62,6 @@ class EmbedBoth(nn.Module):
         # No attention mask: SigLIP was trained attending to its padding, and CLIP's causal
         # tower pools before any padding (see evaluate.class_embeddings).
         return self.model.encode_image(pixels), self.model.encode_text(input_ids)
-
-
-class PromptSampler:
-    """The template bank tokenized once; one template drawn per example per epoch (study sec. 3).
-
-    The draw depends only on (seed, epoch, dataset index), not on batching or rank, so a run
-    on 2 GPUs sees the same (image, prompt) pairs as a run on one.
-    """
-
-    def __init__(self, bank: PromptBank, class_names: list[str], tokenizer, device: torch.device, seed: int):
-        self.ids = [tokenizer(bank.templates_for(c))[0].to(device) for c in class_names]
-        self.seed = seed
-
-    def sample(self, labels: torch.Tensor, indices: torch.Tensor, epoch: int, dataset_size: int) -> torch.Tensor:
-        uniform = torch.rand(dataset_size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        picks = (uniform[indices.cpu()] * torch.tensor([len(self.ids[c]) for c in labels.tolist()])).long()
-        return torch.stack([self.ids[c][k] for c, k in zip(labels.tolist(), picks.tolist())])
 
 
 class Trainer:

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from bench_tools import bench_loader, bench_losses, contrastive_loss, interleaved, paired_ratios
 from har_ref import load_model, load_tokenizer
-from har_ref.data.folders import PromptBank
+from har_ref.data.prompts import PromptBank
 from har_ref.train.optim import autocast, cpu_supports_bf16
 from har_ref.demo.synthetic import CLASS_NAMES
 from har_ref.demo.tokenizer_training import train_sentencepiece
