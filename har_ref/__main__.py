@@ -23,16 +23,20 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same flags as the run)")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT")
-    # Every field of TrainConfig is a flag; defaults come from the --model preset.
+    # Every field of TrainConfig is a flag; defaults come from the --model preset, shown per preset.
+    presets = {name: preset(name) for name in ("clip", "siglip")}
     for f in fields(TrainConfig):
         if f.name in ("model", "synthetic"):
             continue
         flag = "--" + f.name.replace("_", "-")
+        values = {name: getattr(cfg, f.name) for name, cfg in presets.items()}
+        shown = (f"clip and siglip: {values['clip']}" if values["clip"] == values["siglip"]
+                 else f"clip: {values['clip']}, siglip: {values['siglip']}")
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"({shown})")
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            p.add_argument(flag, type=kind, default=None, help="(preset default for --model)")
+            p.add_argument(flag, type=kind, default=None, help=f"({shown})")
 
 
 def train_config_from(args) -> TrainConfig:

@@ -129,3 +129,73 @@ def test_full_hf_checkpoint_round_trip(tmp_path):
     with torch.no_grad():
         ref = up(pixel_values=x, input_ids=expected.input_ids).logits_per_image
         torch.testing.assert_close(model(x, ids), ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def saved_siglip(tmp_path_factory):
+    """A tiny SiglipModel and SiglipTokenizer as save_pretrained writes them: config.json untouched, so its
+    text_config carries transformers' defaults bos/eos = 49406/49407, not the SentencePiece </s> (1)."""
+    from transformers import SiglipConfig, SiglipModel, SiglipTokenizer
+
+    from har_ref.demo.tokenizer_training import train_sentencepiece
+
+    root = tmp_path_factory.mktemp("saved_siglip")
+    tok = train_sentencepiece(["a photo of a person running.", "two people hugging", "arm wrestling",
+                               "café dancing"], root / "vocab", vocab_size=60)
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2)
+    SiglipModel(SiglipConfig(text_config=dict(small, vocab_size=tok["vocab_size"], max_position_embeddings=16),
+                             vision_config=dict(small, image_size=16, patch_size=8))).save_pretrained(root / "hf")
+    SiglipTokenizer(vocab_file=str(root / "vocab" / "spiece.model")).save_pretrained(root / "hf")
+    text_config = json.loads((root / "hf" / "config.json").read_text())["text_config"]
+    assert (text_config["bos_token_id"], text_config["eos_token_id"]) == (49406, 49407)  # what upstream writes
+    return root / "hf"
+
+
+def test_siglip_saved_by_transformers_converts_and_loads(saved_siglip, tmp_path):
+    """The special-token ids come from spiece.model, and config.json says where each came from."""
+    from har_ref import load_model, load_tokenizer
+
+    done = subprocess.run([sys.executable, "-m", "weights_conversion", "hf", "--src", str(saved_siglip),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = json.loads((tmp_path / "out" / "config.json").read_text())["text"]
+    assert text["eos_token_id"] == text["pad_token_id"] == 1
+    assert text["token_ids_from"]["eos_token_id"].startswith("spiece.model '</s>' = 1; config.json's 49407 not used")
+    assert "49406 not used" in text["token_ids_from"]["bos_token_id"]
+    ids, _ = load_tokenizer(tmp_path / "out")(["arm wrestling"])
+    assert 1 in ids[0].tolist()
+    load_model(tmp_path / "out")
+
+
+def test_siglip_converted_before_token_ids_from_still_loads(saved_siglip, tmp_path):
+    """A directory converted before the ids came from the tokenizer (eos 49407, no token_ids_from) loads:
+    SigLIP never reads that id, and it lies outside the embedding table; an id inside it that disagrees
+    with the tokenizer is still refused."""
+    from har_ref import load_tokenizer
+
+    out = convert_hf(saved_siglip, tmp_path / "out")
+    spec = json.loads((out / "config.json").read_text())
+    spec["text"].pop("token_ids_from")
+    spec["text"]["eos_token_id"] = 49407
+    (out / "config.json").write_text(json.dumps(spec))
+    load_tokenizer(out)
+    spec["text"]["eos_token_id"] = 5
+    (out / "config.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="text.eos_token_id=5 but the tokenizer's end token has id 1"):
+        load_tokenizer(out)
+
+
+def test_tokenizer_larger_than_the_embedding_table_is_one_sentence(saved_siglip, tmp_path):
+    import shutil
+
+    src = tmp_path / "hf"
+    shutil.copytree(saved_siglip, src)
+    spec = json.loads((src / "config.json").read_text())
+    spec["text_config"]["vocab_size"] = 20
+    (src / "config.json").write_text(json.dumps(spec))
+    tamper(src, lambda sd: sd.__setitem__("text_model.embeddings.token_embedding.weight", torch.zeros(20, 32)))
+    done = subprocess.run([sys.executable, "-m", "weights_conversion", "hf", "--src", str(src),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "the text embedding table has 20 rows" in done.stderr

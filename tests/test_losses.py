@@ -175,11 +175,23 @@ def test_siglip_loss_gradcheck(labels, memory, pos_weight):
 def test_clamp_logit_scale_in_place():
     scale = torch.nn.Parameter(torch.tensor(5.0))
     pointer = scale.data_ptr()
-    clamp_logit_scale_(scale)
+    clamp_logit_scale_(scale, "clip")
     assert scale.item() == pytest.approx(math.log(100)) and scale.data_ptr() == pointer and scale.requires_grad
     scale.data.fill_(-1.0)
-    clamp_logit_scale_(scale)
+    clamp_logit_scale_(scale, "clip")
     assert scale.item() == 0.0
+
+
+@pytest.mark.parametrize("family, expected", [("siglip", 4.765), ("clip", math.log(100))])
+def test_optimizer_step_keeps_siglip_temperature(family, expected):
+    """A pretrained SigLIP t = 4.765 (exp t ~ 117) survives a step whose gradient on t is zero;
+    CLIP's t above ln 100 is still clamped (CLIP sec. 2.5)."""
+    scale = torch.nn.Parameter(torch.tensor(4.765))
+    optimizer = torch.optim.AdamW([scale], lr=1e-3, weight_decay=0.0)
+    scale.grad = torch.zeros(())
+    optimizer.step()
+    clamp_logit_scale_(scale, family)
+    assert scale.item() == pytest.approx(expected, abs=1e-6)
 
 
 def test_inconsistent_memory_arguments_raise():

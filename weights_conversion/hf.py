@@ -156,22 +156,69 @@ def find_weights(src: Path) -> Path:
                           "written by CLIPModel/SiglipModel.save_pretrained or downloaded from the hub.")
 
 
-def tokenizer_pad_id(src: Path, cfg: ModelConfig) -> int:
-    """The id the checkpoint's tokenizer pads with, which is what har_ref's tokenizer must use.
+def set_token_ids(src: Path, cfg: ModelConfig, hf_text: dict) -> None:
+    """Take the special-token ids from the checkpoint's tokenizer files and record where each came from
+    in cfg.text.token_ids_from (written to config.json).
 
-    transformers' CLIP text config says pad_token_id=1, but its tokenizer pads with
-    <|endoftext|> (49407); SigLIP pads with </s>. The tokenizer files are the authority.
+    The tokenizer files are the authority, not config.json: transformers' CLIP text config says
+    pad_token_id=1 while its tokenizer pads with <|endoftext|> (49407), and SiglipModel.save_pretrained
+    writes SiglipTextConfig's defaults bos/eos = 49406/49407 (CLIP's ids, outside SigLIP's 32,000-piece
+    vocabulary), while SigLIP's SentencePiece ends with </s> (1) and has no start token. SigLIP pools the
+    last position, so its end id is never read by the forward pass; CLIP pools at config.json's
+    eos_token_id, exactly as transformers does, so for CLIP that field stays and is checked.
     """
     from har_ref.model.tokenizer import ClipTokenizer, SiglipTokenizer, declared_pad_token, token_id
 
+    t, source = cfg.text, {}
+    said = {k: hf_text[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_text}
     has_files = any((src / f).is_file() for f in ("tokenizer.json", "vocab.json", "spiece.model"))
     if not has_files:
-        return cfg.text.pad_token_id
-    tokenizer = (ClipTokenizer if cfg.family == "clip" else SiglipTokenizer)(src, cfg.text.context_length)
+        if cfg.family == "siglip" and t.eos_token_id >= t.vocab_size:  # transformers' CLIP default
+            t.eos_token_id = SIGLIP_DEFAULTS["text"]["eos_token_id"]
+            source["eos_token_id"] = (f"SigLIP's SentencePiece </s> = {t.eos_token_id}, assumed: no tokenizer "
+                                      f"files in the source; config.json's {said.get('eos_token_id')} is "
+                                      f"outside the {t.vocab_size}-token vocabulary")
+        source.setdefault("eos_token_id", "config.json text_config (no tokenizer files in the source)")
+        source["pad_token_id"] = "config.json text_config (no tokenizer files in the source)"
+        t.token_ids_from = source
+        return
+    tokenizer = (ClipTokenizer if cfg.family == "clip" else SiglipTokenizer)(src, t.context_length)
+    where = "tokenizer.json" if (src / "tokenizer.json").is_file() else "vocab.json"
+    if cfg.family == "siglip":
+        where = "spiece.model"
+        t.eos_token_id = tokenizer.eos_token_id
+        source["eos_token_id"] = f"spiece.model '</s>' = {t.eos_token_id}"
+        source["bos_token_id"] = "none: SigLIP's tokenizer adds no start token"
+        source["unk_token_id"] = f"spiece.model '<unk>' = {tokenizer.special_ids['<unk>']}"
+    elif t.eos_by_argmax:
+        source["eos_token_id"] = "config.json text_config.eos_token_id = 2: transformers' legacy rule, pool at argmax(input_ids)"
+    else:
+        source["eos_token_id"] = "config.json text_config (CLIP pools at it, as transformers does)"
+        if t.eos_token_id != tokenizer.eos_token_id:
+            raise ConversionError(f"config.json: text_config.eos_token_id={t.eos_token_id} but the tokenizer's "
+                                  f"<|endoftext|> has id {tokenizer.eos_token_id}; the tokenizer files belong "
+                                  "to another model.")
     pad = declared_pad_token(src)
     pad_id = token_id(tokenizer, pad) if pad is not None else None
-    # Without a declared pad token both upstream tokenizers pad with their end token.
-    return pad_id if pad_id is not None else tokenizer.eos_token_id
+    if pad_id is not None:
+        t.pad_token_id = pad_id
+        source["pad_token_id"] = f"pad_token {pad!r} declared in the tokenizer files"
+    else:  # without a declared pad token both upstream tokenizers pad with their end token
+        t.pad_token_id = tokenizer.eos_token_id
+        source["pad_token_id"] = f"the tokenizer's end token ({where}; no pad_token declared)"
+    for name, value in said.items():
+        if getattr(t, name, None) != value and name != "bos_token_id":
+            source[name] += f"; config.json's {value} not used"
+    if "bos_token_id" in said and cfg.family == "siglip":
+        source["bos_token_id"] += f"; config.json's {said['bos_token_id']} not used"
+    if tokenizer.vocab_size > t.vocab_size:
+        raise ConversionError(f"{src}: the tokenizer has {tokenizer.vocab_size} tokens but the text embedding "
+                              f"table has {t.vocab_size} rows; the tokenizer files belong to another model.")
+    for name in ("eos_token_id", "pad_token_id"):
+        if not 0 <= getattr(t, name) < t.vocab_size:
+            raise ConversionError(f"{src}: the tokenizer's {name} is {getattr(t, name)}, outside the text "
+                                  f"embedding table's {t.vocab_size} rows; the tokenizer files belong to another model.")
+    t.token_ids_from = source
 
 
 def convert_hf(src: str | Path, out: str | Path) -> Path:
@@ -182,7 +229,7 @@ def convert_hf(src: str | Path, out: str | Path) -> Path:
     pre_path = src / "preprocessor_config.json"
     preprocessor = json.loads(pre_path.read_text()) if pre_path.is_file() else None
     cfg = convert_config(hf_config, preprocessor)
-    cfg.text.pad_token_id = tokenizer_pad_id(src, cfg)
+    set_token_ids(src, cfg, hf_config.get("text_config", {}))
     tensors = convert_state_dict(read_state_dict(find_weights(src)), cfg)
     extra = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
     return write_checkpoint(cfg, tensors, out, extra)

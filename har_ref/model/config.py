@@ -48,6 +48,8 @@ class TextConfig:
     eos_by_argmax: bool = True
     pad_token_id: int = 49407
     proj_bias: bool = False  # SigLIP's text head is a Linear with bias
+    # Where conversion took each special-token id from (tokenizer files or config.json): a record, not read.
+    token_ids_from: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -227,7 +227,10 @@ def load_tokenizer(directory: str | Path) -> ClipTokenizer | SiglipTokenizer:
     if tokenizer.vocab_size > cfg.text.vocab_size:
         raise ValueError(f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but config.json's "
                          f"text.vocab_size is {cfg.text.vocab_size}; the tokenizer files belong to another model.")
-    if not cfg.text.eos_by_argmax and tokenizer.eos_token_id != cfg.text.eos_token_id:
+    # SigLIP pools the last position and never reads eos_token_id; an id outside the embedding table
+    # is transformers' CLIP default (49407) that conversions before token_ids_from carried over.
+    carried_default = cfg.text.pool == "last" and cfg.text.eos_token_id >= cfg.text.vocab_size
+    if not cfg.text.eos_by_argmax and tokenizer.eos_token_id != cfg.text.eos_token_id and not carried_default:
         raise ValueError(f"{directory}: config.json says text.eos_token_id={cfg.text.eos_token_id} but the "
                          f"tokenizer's end token has id {tokenizer.eos_token_id}; fix config.json.")
     pad_token = declared_pad_token(directory)

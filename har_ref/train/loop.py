@@ -215,7 +215,7 @@ class Trainer:
             self.skipped_steps += 1
             print(f"\n[train] optimizer step {self.step + 1}: non-finite gradients, step skipped", file=sys.stderr)
         self.optimizer.zero_grad(set_to_none=True)
-        clamp_logit_scale_(self.model.logit_scale)  # CLIP sec. 2.5: keep exp(t) <= 100
+        clamp_logit_scale_(self.model.logit_scale, self.model.cfg.family)  # CLIP: exp(t) <= 100; SigLIP: free
         with warnings.catch_warnings():  # a skipped first step makes PyTorch warn; the schedule
             warnings.simplefilter("ignore", UserWarning)  # follows steps taken or skipped alike
             self.scheduler.step()

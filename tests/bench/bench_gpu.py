@@ -76,7 +76,7 @@ class TrainingStep:
         contrastive_loss(self.family, self.model, image, text, self.labels).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        clamp_logit_scale_(self.model.logit_scale)
+        clamp_logit_scale_(self.model.logit_scale, self.family)
 
 
 def synchronize(device: torch.device) -> None:
