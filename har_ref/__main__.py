@@ -153,6 +153,8 @@ def run(args) -> None:
         for key, problem in report.items():
             if isinstance(problem, dict) and problem.get("count"):
                 print(f"  {key}: {problem['count']} (examples in prepare_report.json)")
+                for row in problem["examples"][:20] if key == "invalid_rows" else ():
+                    print(f"    line {row['line']}: {row['filename']!r}, label {row['label']!r}: {row['why']}")
         if "note" in report:
             print(f"  note: {report['note']}")
     elif args.command == "synth":

@@ -243,7 +243,7 @@ def flat(tmp_path):
              [first_sitting, "using_laptop"],  # second label for the same file: the file is dropped
              ["Image_404.png", "running"],  # missing file
              ["Image_98.png", ""],  # empty label
-             ["Image_99.png", "using laptop"]]  # a label that is no folder name
+             ["Image_99.png", "../running"]]  # a label that is no folder name
     with open(csv_path, "w", newline="") as f:
         csv.writer(f).writerows(rows)
     return csv_path, images, first_running, first_sitting
@@ -266,7 +266,8 @@ def test_prepare_splits_stratified_linked_and_reported(tmp_path, flat):
     assert report["conflicting_labels"]["examples"] == [{"line": 27, "filename": first_sitting,
                                                          "label": "using_laptop"}]
     assert report["missing_files"]["examples"][0]["filename"] == "Image_404.png"
-    assert [e["label"] for e in report["invalid_rows"]["examples"]] == ["", "using laptop"]
+    assert [(e["label"], e["why"]) for e in report["invalid_rows"]["examples"]] == [
+        ("", "empty label"), ("../running", "label contains a path separator ('/' or '\\')")]
     assert report["unlisted_files"] == {"count": 1, "examples": ["Image_97.png"]}
     assert json.loads((out / "prepare_report.json").read_text()) == report
     assignment = split_of(out)
@@ -310,3 +311,50 @@ def test_prepare_splits_bad_header(tmp_path):
     bad.write_text("file,class\nImage_1.png,running\n")
     with pytest.raises(ValueError, match="'filename,label' header"):
         prepare_splits(bad, tmp_path, tmp_path / "out")
+
+
+UNUSUAL_CLASSES = ("arm wrestling", "café dancing", "high-jump", "o'neill pose", "2 people")
+
+
+def test_prepare_keeps_class_names_with_spaces_and_accents(tmp_path, capsys):
+    """Spaces, hyphens, apostrophes, digits and non-ASCII letters make ordinary folder names;
+    only unsafe labels are refused, each row named with why (report and printout)."""
+    from har_ref.__main__ import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = [("filename", "label")]
+    for c, name in enumerate(UNUSUAL_CLASSES):
+        for k in range(3):
+            write_png(images / f"img_{c}_{k}.png")
+            rows.append((f"img_{c}_{k}.png", name))
+    bad = {"bad_0.png": ".hidden", "bad_1.png": "..", "bad_2.png": "a/b", "bad_3.png": "tab\there"}
+    for name, label in bad.items():
+        write_png(images / name)
+        rows.append((name, label))
+    csv_path = tmp_path / "labels.csv"
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(rows)
+    main(["prepare", "--csv", str(csv_path), "--images", str(images), "--out", str(tmp_path / "out"),
+          "--test-per-class", "1"])
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "prepare_report.json").read_text(encoding="utf-8"))
+    assert sorted(report["classes"]) == sorted(UNUSUAL_CLASSES)
+    assert report["invalid_rows"]["count"] == 4
+    assert [e["filename"] for e in report["invalid_rows"]["examples"]] == list(bad)
+    assert all(e["why"] for e in report["invalid_rows"]["examples"])
+    assert "line 17: 'bad_0.png', label '.hidden': label starts with '.'" in printed
+    assert "café dancing" in (tmp_path / "out" / "prepare_report.json").read_text(encoding="utf-8")
+    train, test, classes = build_splits(tmp_path / "out")
+    assert classes == sorted(UNUSUAL_CLASSES) and len(train) == 10 and len(test) == 5
+
+
+def test_packaged_prompt_bank_serves_any_label_set(capsys):
+    """Generic templates for every class, the packaged extras for the classes present, one note for the rest."""
+    spec = json.loads(DEFAULT_PROMPTS.read_text())
+    bank = PromptBank.from_file(None, ["arm wrestling", "café dancing", "calling"])
+    assert bank.templates_for("café dancing") == [t.replace("{}", "café dancing") for t in spec["templates"]]
+    assert bank.templates_for("calling")[-2:] == spec["class_templates"]["calling"]
+    notes = capsys.readouterr().err.strip().splitlines()
+    assert len(notes) == 1 and "extra templates for 14 classes not in this label set are skipped" in notes[0]
+    assert class_phrase("arm wrestling") == "arm wrestling" and class_phrase("listening_to_music") == "listening to music"

@@ -8,7 +8,6 @@ import csv
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -18,10 +17,33 @@ REPORT_EXAMPLES = 5  # how many offending rows/files the prepare report lists pe
 
 # ---------------------------------------------------------------- preparing the splits
 
-# A label becomes a folder name, so it must look like one: letters, digits, '_' and '-', not
-# starting with '-'. Anything else (empty, spaces, '/', '..') makes the row invalid, and so does
-# a filename that is not a plain image file name (a path, or not one of IMAGE_EXTENSIONS).
-LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def label_problem(label: str) -> str | None:
+    """Why `label` cannot be a class folder name, or None when it can.
+
+    Spaces, hyphens, apostrophes, digits and non-ASCII letters are ordinary in class names
+    ("arm wrestling", "café dancing"); only what is unsafe as one folder name is refused.
+    """
+    if not label:
+        return "empty label"
+    if "/" in label or "\\" in label:
+        return "label contains a path separator ('/' or '\\')"
+    if label in (".", ".."):
+        return f"label {label!r} names a folder that is not a class"
+    if label.startswith("."):
+        return "label starts with '.' (a hidden folder)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in label):
+        return "label contains a control character"
+    return None
+
+
+def _row_problem(name: str, label: str) -> str | None:
+    if Path(name).name != name or not name or "\\" in name:
+        return "filename is a path, not a file name in the image folder"
+    if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"filename does not end in an image extension ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+    return label_problem(label)
 
 
 def _read_labels(csv_path: Path, images_dir: Path) -> tuple[dict[str, str], dict[str, list], int]:
@@ -29,7 +51,7 @@ def _read_labels(csv_path: Path, images_dir: Path) -> tuple[dict[str, str], dict
     problems = {"invalid_rows": [], "missing_files": [], "duplicate_rows": [], "conflicting_labels": []}
     labels: dict[str, str] = {}
     conflicted: set[str] = set()
-    with open(csv_path, newline="") as f:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"filename", "label"} <= {c.strip() for c in reader.fieldnames}:
             raise ValueError(f"{csv_path} must start with a 'filename,label' header, got {reader.fieldnames}; "
@@ -40,9 +62,9 @@ def _read_labels(csv_path: Path, images_dir: Path) -> tuple[dict[str, str], dict
             row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
             name, label = row.get("filename", ""), row.get("label", "")
             example = {"line": line, "filename": name, "label": label}
-            if (Path(name).name != name or Path(name).suffix.lower() not in IMAGE_EXTENSIONS
-                    or not LABEL_PATTERN.fullmatch(label)):
-                problems["invalid_rows"].append(example)
+            why = _row_problem(name, label)
+            if why is not None:
+                problems["invalid_rows"].append({**example, "why": why})
             elif name in conflicted or (name in labels and labels[name] != label):
                 problems["conflicting_labels"].append(example)
                 conflicted.add(name)
@@ -81,7 +103,7 @@ def prepare_splits(csv_path: str | Path, images_dir: str | Path, out_dir: str | 
     Per class, files are sorted by name and shuffled by random.Random(f"{seed}:{label}") (string seeds
     are hashed with SHA-512, so the split is the same on every machine and does not depend on the
     other classes); the first `test_per_class` go to test, the rest to train. Rows with an invalid
-    filename or label (see LABEL_PATTERN), missing files, repeated rows (the first is kept) and
+    filename or label (see label_problem), missing files, repeated rows (the first is kept) and
     files given two different labels (all their rows are dropped) are excluded and reported, as are
     image files no row mentions. The report is returned and written to out_dir/prepare_report.json.
     """
@@ -129,10 +151,13 @@ def prepare_splits(csv_path: str | Path, images_dir: str | Path, out_dir: str | 
         "csv": str(csv_path), "images_dir": str(images_dir), "out_dir": str(out_dir),
         "seed": seed, "test_per_class": test_per_class, "rows": n_rows, "used": len(labels),
         "link_requested": link, "link_used": sorted(used_modes), "classes": classes,
-        **{k: {"count": len(v), "examples": v[:REPORT_EXAMPLES]} for k, v in problems.items()},
+        # every invalid row, with why: those are the ones to fix in the CSV
+        **{k: {"count": len(v), "examples": v if k == "invalid_rows" else v[:REPORT_EXAMPLES]}
+           for k, v in problems.items()},
         "unlisted_files": {"count": len(unlisted), "examples": unlisted[:REPORT_EXAMPLES]},
     }
     if used_modes != {link}:
         report["note"] = f"could not create every {link}; fell back to {', '.join(sorted(used_modes - {link}))}."
-    (out_dir / "prepare_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "prepare_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n",
+                                                 encoding="utf-8")
     return report

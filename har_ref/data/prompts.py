@@ -8,6 +8,7 @@ CLIP paper, sec. 3.1.4).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -17,8 +18,12 @@ DEFAULT_PROMPTS = Path(__file__).with_name("prompts.json")
 
 
 def class_phrase(class_name: str) -> str:
-    """Folder name -> the phrase put into templates: "listening_to_music" -> "listening to music"."""
-    return class_name.replace("_", " ")
+    """Folder name -> the phrase put into templates: "listening_to_music" -> "listening to music".
+
+    Underscores stand for spaces in folder names; a name that has spaces already ("arm wrestling",
+    "café dancing") is its own phrase, and hyphens, apostrophes and accents are kept.
+    """
+    return " ".join(class_name.replace("_", " ").split())
 
 
 def _check_templates(value, path: Path, key: str, exactly_one: bool) -> list[str]:
@@ -49,7 +54,13 @@ class PromptBank:
 
     @classmethod
     def from_file(cls, path: str | Path | None, class_names: Sequence[str]) -> "PromptBank":
-        """Read and validate a template file (None: the packaged prompts.json)."""
+        """Read and validate a template file (None: the packaged prompts.json).
+
+        The packaged bank serves any label set: its generic templates fit every class, and its
+        per-class extras (written for the study's 15 actions) apply to the classes present; the
+        others are skipped with one note. A user's own file that names an unknown class is an error.
+        """
+        packaged = path is None
         path = Path(path) if path is not None else DEFAULT_PROMPTS
         if not path.is_file():
             raise FileNotFoundError(f"Prompt file {path} not found; pass an existing JSON file "
@@ -65,16 +76,22 @@ class PromptBank:
             raise ValueError(f"{path}: unknown keys {unknown}; the allowed keys are 'templates', "
                              "'class_templates' and 'replace_templates'.")
         generic = _check_templates(spec["templates"], path, "'templates'", exactly_one=True)
-        per_class = {}
+        per_class, skipped = {}, []
         for key in ("class_templates", "replace_templates"):
             table = spec.get(key, {})
             if not isinstance(table, dict):
                 raise ValueError(f"{path}: '{key}' must be an object mapping class names to template lists.")
             for name, value in table.items():
+                if name not in class_names and packaged:
+                    skipped.append(name)
+                    continue
                 if name not in class_names:
                     raise ValueError(f"{path}: '{key}' has unknown class {name!r}; the classes are "
                                      f"{', '.join(class_names)}.")
                 per_class[key, name] = _check_templates(value, path, f"'{key}'[{name!r}]", exactly_one=False)
+        if skipped:
+            print(f"note: the packaged prompt bank's extra templates for {len(set(skipped))} classes not in this "
+                  "label set are skipped; its generic templates serve every class.", file=sys.stderr)
         prompts = {}
         for name in class_names:
             templates = (per_class.get(("replace_templates", name))
