@@ -196,3 +196,13 @@ def test_compare_grid(tmp_path):
     a = pixels(image)
     assert count_color(a, (10, 200, 10)) == 2 * 256 * 256 and count_color(a, (200, 10, 200)) == 256 * 128
     assert count_color(a, plots.GREEN) > 20 and count_color(a, plots.RED) > 20
+
+
+def test_non_ascii_class_names_are_drawn_readably(tmp_path):
+    """Pillow's bundled font has no accented letters: they are drawn unaccented, never as boxes."""
+    from har_ref.eval.plots import drawable
+
+    assert drawable("café dancing", 16) in ("café dancing", "cafe dancing")
+    assert "?" not in drawable("arm wrestling", 16)
+    image = plots.plot_confusion(np.eye(2), ["arm wrestling", "café dancing"], "Confusion: café", tmp_path / "c.png")
+    assert image.size[0] > 0 and (tmp_path / "c.png").is_file()

@@ -69,7 +69,7 @@ def image_scores(model: DualEncoder, loader, class_emb: torch.Tensor,
 
 
 def write_predictions(path: Path, items, indices, logits, class_names) -> None:
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["path", "true", "pred"] + [f"score_{c}" for c in class_names])
         pred = logits.argmax(1)

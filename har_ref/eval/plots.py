@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -53,8 +54,32 @@ def font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype("DejaVuSans.ttf", size)
 
 
+_NO_GLYPH = "\U0010fffd"  # a private-use code point: no font draws it, so its mask is the "missing" box
+
+
+@functools.lru_cache(maxsize=None)
+def _has_glyph(char: str, size: int) -> bool:
+    return char.isspace() or bytes(font(size).getmask(char)) != bytes(font(size).getmask(_NO_GLYPH))
+
+
+def drawable(text: str, size: int) -> str:
+    """`text` with each character the font cannot draw replaced by its unaccented letter, else "?".
+
+    Pillow's bundled font is ASCII only: "café dancing" is drawn as "cafe dancing", not with a box.
+    """
+    if text.isascii():
+        return text
+    out = []
+    for char in text:
+        if not _has_glyph(char, size):
+            base = unicodedata.normalize("NFKD", char).encode("ascii", "ignore").decode()
+            char = base if base and all(_has_glyph(c, size) for c in base) else "?"
+        out.append(char)
+    return "".join(out)
+
+
 def text_width(text: str, size: int) -> int:
-    return math.ceil(font(size).getlength(text))
+    return math.ceil(font(size).getlength(drawable(text, size)))
 
 
 def line_height(size: int) -> int:
@@ -67,14 +92,14 @@ def display_name(class_name: str) -> str:
 
 
 def draw_text(draw: ImageDraw.ImageDraw, xy, text: str, size: int, fill=BLACK, anchor="la") -> None:
-    draw.text(xy, text, font=font(size), fill=fill, anchor=anchor)
+    draw.text(xy, drawable(text, size), font=font(size), fill=fill, anchor=anchor)
 
 
 def _paste_vertical_text(canvas: Image.Image, text: str, size: int, center_x: int, top: int | None = None,
                          center_y: int | None = None, fill=BLACK) -> Box:
     """Text rotated 90 degrees (read bottom to top), rendered on its own mask then pasted."""
     mask = Image.new("L", (text_width(text, size) + 2, line_height(size)), 0)
-    ImageDraw.Draw(mask).text((1, 0), text, font=font(size), fill=255)
+    ImageDraw.Draw(mask).text((1, 0), drawable(text, size), font=font(size), fill=255)
     mask = mask.rotate(90, expand=True)
     left = center_x - mask.width // 2
     top = center_y - mask.height // 2 if top is None else top

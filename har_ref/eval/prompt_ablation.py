@@ -231,7 +231,7 @@ def write_markdown(path: Path, result: dict) -> None:
                 f"[{_signed(d['macro_f1']['ci95_low'])}, {_signed(d['macro_f1']['ci95_high'])}] |", "",
                 f"Exact McNemar: only the ensemble right on {mc['b']} images, only the chosen prompts right on "
                 f"{mc['c']}; p = {mc['p_value']:.4g}. Runs: `{test['ensemble']['dir']}`, `{test['best']['dir']}`."]
-    path.write_text("\n".join(out).rstrip() + "\n")
+    path.write_text("\n".join(out).rstrip() + "\n", encoding="utf-8")
 
 
 def ablate_prompts(weights_dir: str | Path, data_dir: str | Path, out_dir: str | Path, val_fraction: float = 0.2,

@@ -54,7 +54,7 @@ def read_predictions(path: Path) -> tuple[list[str], list[list[str]], np.ndarray
     """(class names, rows [path, true, pred], scores [N, K]) from a predictions.csv."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `python -m har_ref evaluate` to write it.")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
     header = rows[0] if rows else []
     if header[:3] != ["path", "true", "pred"] or not all(h.startswith("score_") for h in header[3:]):
@@ -380,7 +380,7 @@ def write_markdown(path: Path, a: Run, b: Run, names: tuple[str, str], numbers: 
     out += _picture("compare_grid.png", "Both right / both wrong / only one model right")
     for file, category in files["examples"]:
         out += _picture(file, f"One test image: {category}")
-    path.write_text("\n".join(out).rstrip() + "\n")
+    path.write_text("\n".join(out).rstrip() + "\n", encoding="utf-8")
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path, out_dir: str | Path, n_resamples: int = 10_000,
