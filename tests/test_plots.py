@@ -204,5 +204,5 @@ def test_non_ascii_class_names_are_drawn_readably(tmp_path):
 
     assert drawable("café dancing", 16) in ("café dancing", "cafe dancing")
     assert "?" not in drawable("arm wrestling", 16)
-    image = plots.plot_confusion(np.eye(2), ["arm wrestling", "café dancing"], "Confusion: café", tmp_path / "c.png")
-    assert image.size[0] > 0 and (tmp_path / "c.png").is_file()
+    plots.plot_confusion(np.eye(2), ["arm wrestling", "café dancing"], "Confusion: café", tmp_path / "c.png")
+    assert Image.open(tmp_path / "c.png").size[0] > 0
