@@ -58,13 +58,15 @@ class PromptBank:
 
         The packaged bank serves any label set: its generic templates fit every class, and its
         per-class extras (written for the study's 15 actions) apply to the classes present; the
-        others are skipped with one note. A user's own file that names an unknown class is an error.
+        others are skipped with one note. So does a run directory's byte-for-byte copy of it.
+        A user's own file that names an unknown class is an error.
         """
-        packaged = path is None
         path = Path(path) if path is not None else DEFAULT_PROMPTS
         if not path.is_file():
             raise FileNotFoundError(f"Prompt file {path} not found; pass an existing JSON file "
                                     f"(the default is {DEFAULT_PROMPTS}).")
+        # a run directory's prompts.json is a copy of the bank it trained with: a copy of the packaged one is it
+        packaged = path.read_bytes() == DEFAULT_PROMPTS.read_bytes()
         try:
             spec = json.loads(path.read_text())
         except json.JSONDecodeError as e:
