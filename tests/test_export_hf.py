@@ -105,17 +105,18 @@ def tokenizers(tmp_path_factory):
 
 
 def tiny_upstream(family, tok, act=None, eos_token_id=None):
-    """Odd sizes (text width 40 != embedding width) with the tokenizer's vocabulary and special ids."""
+    """Odd sizes (text width 40 != embedding width) with the tokenizer's vocabulary; the other special
+    ids are what upstream's config writes by default (conversion takes them from the tokenizer files)."""
     torch.manual_seed(0)
     vision = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
                   image_size=32, patch_size=8)
     text = dict(hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=5,
-                vocab_size=tok["vocab_size"], pad_token_id=tok["pad_token_id"])
-    if family == "clip":
-        text.update(max_position_embeddings=24, eos_token_id=eos_token_id, bos_token_id=tok["bos_token_id"])
+                vocab_size=tok["vocab_size"])
+    if family == "clip":  # CLIP pools at eos_token_id (a model property): each test picks the rule it checks
+        text.update(max_position_embeddings=24, eos_token_id=eos_token_id)
         return randomize(CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)))
-    text.update(max_position_embeddings=16, eos_token_id=tok["eos_token_id"], bos_token_id=None, hidden_act=act,
-                projection_size=48)  # SigLIP's text head maps to the image tower's width
+    # SigLIP's text head maps to the image tower's width
+    text.update(max_position_embeddings=16, hidden_act=act, projection_size=48)
     return randomize(SiglipModel(SiglipConfig(text_config=text, vision_config={**vision, "hidden_act": act})))
 
 
@@ -196,7 +197,7 @@ def test_real_size_siglip_round_trip(tmp_path, measured, capsys):
     open_clip test below; its transformers round trip is the tiny one above: 9 s more here.)"""
     torch.manual_seed(0)
     with no_init_weights():  # transformers' own init of 200 M weights takes seconds; randomize() sets them
-        up = SiglipModel(SiglipConfig(text_config=dict(pad_token_id=1, eos_token_id=1, bos_token_id=None)))
+        up = SiglipModel(SiglipConfig())
     with torch.no_grad():  # all but these two, which it leaves alone
         up.logit_scale.fill_(2.3)
         up.logit_bias.fill_(-10.0)

@@ -106,8 +106,7 @@ def small_clip(eos_token_id=99, **vision):
 def small_siglip(act="gelu_pytorch_tanh"):
     return SiglipConfig(
         text_config=dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
-                         vocab_size=101, max_position_embeddings=13, hidden_act=act, pad_token_id=1,
-                         eos_token_id=1, bos_token_id=None),
+                         vocab_size=101, max_position_embeddings=13, hidden_act=act),
         vision_config=dict(hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=6,
                            image_size=36, patch_size=6, hidden_act=act))
 
@@ -162,7 +161,7 @@ def real_clip(tmp_path_factory):
 @pytest.fixture(scope="module")
 def real_siglip(tmp_path_factory):
     torch.manual_seed(0)
-    up = SiglipModel(SiglipConfig(text_config=dict(pad_token_id=1, eos_token_id=1, bos_token_id=None)))
+    up = SiglipModel(SiglipConfig())  # google/siglip-base-patch16-224's architecture, config as upstream writes it
     return up, convert_upstream(up, tmp_path_factory.mktemp("siglip"))
 
 

@@ -62,8 +62,7 @@ def siglip_weights(tmp_path_factory):
     torch.manual_seed(0)
     cfg = SiglipConfig(
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         vocab_size=tok["vocab_size"], max_position_embeddings=24, pad_token_id=1,
-                         eos_token_id=1, bos_token_id=None),
+                         vocab_size=tok["vocab_size"], max_position_embeddings=24),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=32, patch_size=8))
     SiglipModel(cfg).save_pretrained(root / "hf")
