@@ -68,3 +68,11 @@ def test_compare_two_evaluations(data, weights, tmp_path):
 def test_user_errors_are_one_line(args, message):
     done = cli(*args, ok=False)
     assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_train_help_shows_each_presets_value():
+    done = cli("train", "--help")
+    text = " ".join(done.stdout.split())  # argparse wraps lines
+    assert "--accum-steps ACCUM_STEPS (clip: 32, siglip: 500)" in text
+    assert "--xbm-size XBM_SIZE (clip: 4096, siglip: 32000)" in text
+    assert "--lr LR (clip and siglip: 1e-05)" in text

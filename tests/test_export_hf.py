@@ -26,7 +26,6 @@ from PIL import Image
 transformers = pytest.importorskip("transformers")
 from transformers import (AutoProcessor, CLIPConfig, CLIPModel, CLIPTokenizer, SiglipConfig,  # noqa: E402
                           SiglipModel, SiglipTokenizer)
-from transformers.initialization import no_init_weights  # noqa: E402
 from test_model_parity import EMB_TOL, LOGIT_TOL, randomize, text_batch  # noqa: E402
 
 import har_ref  # noqa: E402
@@ -192,16 +191,13 @@ def test_tiny_round_trip(tokenizers, tmp_path, family, act, eos, measured):
         check_parity(reloaded, model, x, ids, m, f"{label} mask={m is not None}", measured, original=up.eval())
 
 
-def test_real_size_siglip_round_trip(tmp_path, measured, capsys):
-    """SiglipConfig() = base patch16 224, without tokenizer files. (Real-size CLIP, ViT-B/32, is the
-    open_clip test below; its transformers round trip is the tiny one above: 9 s more here.)"""
-    torch.manual_seed(0)
-    with no_init_weights():  # transformers' own init of 200 M weights takes seconds; randomize() sets them
-        up = SiglipModel(SiglipConfig())
-    with torch.no_grad():  # all but these two, which it leaves alone
-        up.logit_scale.fill_(2.3)
-        up.logit_bias.fill_(-10.0)
-    src, ours, back = round_trip(randomize(up), None, tmp_path)
+@pytest.mark.parametrize("real_size", ["siglip"], indirect=True)
+def test_real_size_siglip_round_trip(real_size, tmp_path, measured, capsys):
+    """The session's real-size SiglipModel (tests/conftest.py::real_size: SiglipConfig() = base patch16 224,
+    saved by save_pretrained without tokenizer files, converted once) exported back. (Real-size CLIP,
+    ViT-B/32, is the open_clip test below; its transformers round trip is the tiny one above.)"""
+    up, src, ours, back = real_size.up, real_size.hf, real_size.converted, tmp_path / "export"
+    export_hf(ours, back)
     note = capsys.readouterr().out.splitlines()
     assert len(note) == 1 and note[0].startswith("note: no tokenizer written")
     _, original_lines = load_hf(SiglipModel, src)
@@ -209,36 +205,27 @@ def test_real_size_siglip_round_trip(tmp_path, measured, capsys):
     assert not set(lines) - set(original_lines), lines
     assert all(torch.equal(v, up.state_dict()[k]) for k, v in reloaded.state_dict().items())
     ids, mask = text_batch(32000, 64, eos_id=1, bos_id=None, eos_positions=[63, 6])
-    x = torch.randn(1, 3, 224, 224)
-    check_parity(reloaded, har_ref.load_model(ours), x, ids, mask, "siglip real size", measured, up.eval())
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    check_parity(reloaded, real_size.ours, x, ids, mask, "siglip real size", measured, up)
 
 
-def test_open_clip_gelu_export(tmp_path, measured):
-    """open_clip ViT-B-32 (nn.GELU, pools at argmax(ids), pads with 0) -> har_ref -> transformers."""
-    open_clip = pytest.importorskip("open_clip")
-    from open_clip.tokenizer import default_bpe
-    from safetensors.torch import save_file
-
-    from weights_conversion.open_clip import convert_open_clip
-
-    torch.manual_seed(0)
-    up = open_clip.create_model("ViT-B-32", pretrained=None).eval()
-    x, ids = torch.randn(2, 3, 224, 224), open_clip.tokenize(PROMPTS)
-    with torch.no_grad():
-        up_img, up_txt = up.encode_image(x, normalize=True), up.encode_text(ids, normalize=True)
-    save_file({k: v.contiguous() for k, v in up.state_dict().items()}, str(tmp_path / "vit_b_32.safetensors"))
-    del up
-    ours, back = tmp_path / "har_ref", tmp_path / "export"
-    convert_open_clip(tmp_path / "vit_b_32.safetensors", "ViT-B-32", ours, bpe=default_bpe())
+@pytest.mark.parametrize("real_size", ["open_clip"], indirect=True)
+def test_open_clip_gelu_export(real_size, tmp_path, measured):
+    """open_clip ViT-B-32 (nn.GELU, pools at argmax(ids), pads with 0; the session's real-size one from
+    tests/conftest.py::real_size, converted once) -> har_ref -> transformers."""
+    upstream = real_size.upstream
+    prompts, x, ids = upstream["prompts"], upstream["images"], upstream["ids"]
+    up_img, up_txt, _ = upstream["outputs"]["ViT-B-32"]
+    ours, back = real_size.converted["ViT-B-32"], tmp_path / "export"
     assert main(["export-hf", "--src", str(ours), "--out", str(back)]) == 0
     config = json.loads((back / "config.json").read_text())
     assert config["vision_config"]["hidden_act"] == config["text_config"]["hidden_act"] == "gelu"
     reloaded, lines = load_hf(CLIPModel, back)
     assert not lines, lines
-    tokens = AutoProcessor.from_pretrained(back)(text=PROMPTS, padding="max_length", truncation=True,
+    tokens = AutoProcessor.from_pretrained(back)(text=prompts, padding="max_length", truncation=True,
                                                  return_tensors="pt")
     # open_clip's ids up to <|endoftext|>; transformers pads with <|endoftext|> where open_clip pads with 0
-    ours_ids, mask = har_ref.load_tokenizer(ours)(PROMPTS)
+    ours_ids, mask = har_ref.load_tokenizer(ours)(prompts)
     assert torch.equal(ours_ids, ids) and torch.equal(tokens.attention_mask, mask)
     assert torch.equal(tokens.input_ids[mask.bool()], ids[mask.bool()]) and ids[0, -1] == 0
     # plus a row without <|endoftext|>, where pooling at argmax(ids) and at the first end token differ

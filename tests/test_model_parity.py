@@ -151,20 +151,20 @@ def test_position_interpolation_matches_upstream(tmp_path, family, measured):
     assert diff <= EMB_TOL
 
 
-@pytest.fixture(scope="module")
-def real_clip(tmp_path_factory):
-    torch.manual_seed(0)
-    up = CLIPModel(CLIPConfig())  # openai/clip-vit-base-patch32's architecture
-    return up, convert_upstream(up, tmp_path_factory.mktemp("clip"))
+# tests/conftest.py::real_size: each real-size upstream model is built, saved and converted once per session
+@pytest.fixture()
+def real_clip(real_size):
+    torch.set_rng_state(real_size.rng_state)
+    return real_size.up, real_size.ours  # openai/clip-vit-base-patch32's architecture
 
 
-@pytest.fixture(scope="module")
-def real_siglip(tmp_path_factory):
-    torch.manual_seed(0)
-    up = SiglipModel(SiglipConfig())  # google/siglip-base-patch16-224's architecture, config as upstream writes it
-    return up, convert_upstream(up, tmp_path_factory.mktemp("siglip"))
+@pytest.fixture()
+def real_siglip(real_size):
+    torch.set_rng_state(real_size.rng_state)
+    return real_size.up, real_size.ours  # google/siglip-base-patch16-224's architecture, as upstream writes it
 
 
+@pytest.mark.parametrize("real_size", ["clip"], indirect=True)
 def test_clip_real_size(real_clip, measured):
     up, ours = real_clip
     assert ours.num_params() == sum(p.numel() for p in up.parameters()) == 151_277_313
@@ -173,6 +173,7 @@ def test_clip_real_size(real_clip, measured):
     compare(up, ours, x, ids, mask, "CLIP ViT-B/32 real size", measured)
 
 
+@pytest.mark.parametrize("real_size", ["siglip"], indirect=True)
 def test_siglip_real_size(real_siglip, measured):
     up, ours = real_siglip
     assert ours.num_params() == sum(p.numel() for p in up.parameters())
@@ -182,6 +183,7 @@ def test_siglip_real_size(real_siglip, measured):
     compare(up, ours, x, ids, mask, "SigLIP base/16-224 real size", measured)
 
 
+@pytest.mark.parametrize("real_size", ["siglip"], indirect=True)
 def test_logit_parameters_are_learnable_scalars(real_siglip):
     _, ours = real_siglip
     names = {n for n, _ in ours.named_parameters()}

@@ -1,7 +1,7 @@
 """`weights_conversion open_clip`: open_clip models converted to har_ref compute the same thing.
 
 open_clip's real-size ViT-B-32 is built with random weights (seeded), saved as open_clip saves
-it, converted through the CLI, and loaded with `har_ref.load_model`. Both activations are
+it, converted through the CLI (once per session: tests/conftest.py::real_size), and loaded with `har_ref.load_model`. Both activations are
 checked: `ViT-B-32` (nn.GELU) from safetensors, and `ViT-B-32-quickgelu` (OpenAI's) from a
 plain torch.save'd dict carrying OpenAI's scalar metadata keys. `ViT-B-16-SigLIP` (timm trunk)
 is converted from its in-memory state dict (the file path is the same code).
@@ -21,8 +21,7 @@ import torch.nn.functional as F
 open_clip = pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")
 from open_clip.model import convert_to_custom_text_state_dict  # noqa: E402
-from open_clip.tokenizer import SimpleTokenizer, default_bpe  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from open_clip.tokenizer import SimpleTokenizer  # noqa: E402
 
 import har_ref  # noqa: E402
 from har_ref.model.dual_encoder import DualEncoder  # noqa: E402
@@ -35,46 +34,24 @@ LOGIT_TOL = 1e-4
 ARCHS = ("ViT-B-32", "ViT-B-32-quickgelu")
 OPENAI_METADATA = dict(input_resolution=torch.tensor(224), context_length=torch.tensor(77),
                        vocab_size=torch.tensor(49408))
-PROMPTS = ["a photo of a person running.", "Two people hugging!",
-           "a photo of " + "a very " * 40 + "tall person"]  # the last one is truncated to 77 tokens
+
+# the real-size ViT-B-32 of tests/conftest.py::real_size, built once per session
+OPEN_CLIP = pytest.mark.parametrize("real_size", ["open_clip"], indirect=True)
 
 
-@pytest.fixture(scope="module")
-def upstream():
+@pytest.fixture()
+def upstream(real_size):
     """Seeded open_clip weights, inputs, and open_clip's outputs under each activation."""
-    torch.manual_seed(0)
-    images = torch.randn(2, 3, 224, 224)
-    ids = open_clip.tokenize(PROMPTS)
-    state_dict, outputs = None, {}
-    for arch in ARCHS:
-        model = open_clip.create_model(arch, pretrained=None).eval()
-        if state_dict is None:
-            state_dict = model.state_dict()
-        model.load_state_dict(state_dict)  # the same weights under both activations
-        with torch.no_grad():
-            img = model.encode_image(images, normalize=True)
-            txt = model.encode_text(ids, normalize=True)
-            outputs[arch] = (img, txt, model.logit_scale.exp() * img @ txt.T)
-        del model
-    return dict(state_dict=state_dict, images=images, ids=ids, outputs=outputs)
+    return real_size.upstream
 
 
-@pytest.fixture(scope="module")
-def converted(upstream, tmp_path_factory):
+@pytest.fixture()
+def converted(real_size):
     """arch -> har_ref checkpoint directory written by the CLI."""
-    tmp = tmp_path_factory.mktemp("open_clip")
-    sd = upstream["state_dict"]
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "vit_b_32.safetensors"))
-    torch.save({**sd, **OPENAI_METADATA}, tmp / "openai_vit_b_32.pt")
-    args = {"ViT-B-32": ["--src", str(tmp / "vit_b_32.safetensors"), "--bpe", default_bpe()],
-            "ViT-B-32-quickgelu": ["--src", str(tmp / "openai_vit_b_32.pt")]}
-    dirs = {}
-    for arch in ARCHS:
-        dirs[arch] = tmp / arch
-        assert main(["open_clip", "--arch", arch, "--out", str(dirs[arch]), *args[arch]]) == 0
-    return dirs
+    return real_size.converted
 
 
+@OPEN_CLIP
 @pytest.mark.parametrize("arch", ARCHS)
 def test_embeddings_and_logits_match_open_clip(upstream, converted, arch, measured):
     ours = har_ref.load_model(converted[arch])
@@ -119,6 +96,7 @@ def test_siglip_matches_open_clip(measured):
     assert d_img <= EMB_TOL and d_txt <= EMB_TOL and d_log <= LOGIT_TOL
 
 
+@OPEN_CLIP
 @pytest.mark.parametrize("tamper, key", [
     (lambda sd: sd.pop("visual.transformer.resblocks.3.attn.in_proj_bias"),
      "visual.transformer.resblocks.3.attn.in_proj_bias"),
@@ -134,6 +112,7 @@ def test_mismatched_tensor_fails_naming_the_key(upstream, tamper, key):
     assert key in str(err.value)
 
 
+@OPEN_CLIP
 def test_ddp_and_custom_text_layouts_convert_identically(upstream):
     sd = upstream["state_dict"]
     cfg = arch_config("ViT-B-32")
@@ -170,6 +149,7 @@ TOKENIZER_TEXTS = [
 ]
 
 
+@OPEN_CLIP
 def test_bpe_files_load_in_transformers_with_open_clip_ids(converted):
     out = converted["ViT-B-32"]
     # the vocabulary is SimpleTokenizer's, with transformers' names for the two special tokens

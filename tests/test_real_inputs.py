@@ -27,6 +27,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import (CLIPConfig, CLIPModel, CLIPTokenizer, SiglipConfig, SiglipModel,  # noqa: E402
                           SiglipTokenizer)
 
+import har_ref  # noqa: E402
 from har_ref.demo.tokenizer_training import bytes_to_unicode, train_sentencepiece  # noqa: E402
 
 CLASSES = ("arm wrestling", "café dancing", "high-jump")
@@ -127,5 +128,8 @@ def test_saved_by_transformers_to_exported_and_reloaded(family, tmp_path):
 
     cli("weights_conversion", "export-hf", "--src", run, "--out", tmp_path / "export")
     model_class = CLIPModel if family == "clip" else SiglipModel
-    _, info = model_class.from_pretrained(tmp_path / "export", output_loading_info=True)
+    reloaded, info = model_class.from_pretrained(tmp_path / "export", output_loading_info=True)
     assert info["missing_keys"] == set() and info["unexpected_keys"] == set() and not info["mismatched_keys"], info
+    ours = har_ref.load_model(run)  # the trained scalars come back in their places (t ~ 4.7, b ~ 0 for SigLIP)
+    for name in ("logit_scale", "logit_bias") if family == "siglip" else ("logit_scale",):
+        assert torch.equal(getattr(reloaded, name).detach().reshape(()), getattr(ours, name).detach()), name
