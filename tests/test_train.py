@@ -140,6 +140,23 @@ def test_cached_accumulation_equals_one_big_batch(model, clip_weights, siglip_we
     assert cached["logit_scale"].abs() > 0
 
 
+def test_siglip_keeps_a_pretrained_temperature(siglip_weights, data_dir, tmp_path):
+    """A SigLIP checkpoint with a pretrained t = 4.765 (exp t ~ 117) keeps it through fine-tuning:
+    only CLIP's temperature is clamped to ln 100 (docs/losses.md)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "weights"
+    shutil.copytree(siglip_weights, weights)
+    tensors = load_file(str(weights / "model.safetensors"))
+    tensors["logit_scale"] = torch.tensor(4.765)
+    save_file(tensors, str(weights / "model.safetensors"))
+    train(tiny_cfg("siglip", epochs=1, lr=1e-4), weights, data_dir, tmp_path / "run")
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert abs(log[-1]["logit_scale"] - 4.765) < 0.01  # a few steps of lr 1e-4, not a cut to 4.605
+
+
 def test_cli_missing_weights_is_one_clear_line(data_dir, tmp_path):
     done = subprocess.run([sys.executable, "-m", "har_ref", "train", "--model", "siglip", "--weights",
                            str(tmp_path / "nope"), "--data", str(data_dir), "--out", str(tmp_path / "run")],
