@@ -165,3 +165,21 @@ def test_column_labels_name_shared_and_class_specific_templates():
     labels = column_labels(raw)
     assert labels[:len(spec["templates"])] == spec["templates"]
     assert labels[len(spec["templates"]):] == ["class-specific 1", "class-specific 2"]  # 'calling' has two
+
+
+def test_ablation_on_another_label_set_writes_a_loadable_bank(setup, tmp_path):
+    """Classes named with a space and an accent, one of them absent from the packaged bank's extras:
+    best_prompts.json holds extras only for the classes present, so train/evaluate/predict accept it."""
+    import shutil
+
+    weights, data, _, _ = setup
+    names = {"calling": "phone call", "dancing": "café dancing", "running": "running"}
+    for split in ("train", "test"):
+        for old, new in names.items():
+            shutil.copytree(data / split / old, tmp_path / "data" / split / new)
+    ablate_prompts(weights, tmp_path / "data", tmp_path / "out", val_fraction=VAL_FRACTION, seed=3, top_k=1,
+                   batch_size=32, device="cpu", n_resamples=50)
+    spec = json.loads((tmp_path / "out" / "best_prompts.json").read_text())
+    assert set(spec["class_templates"]) == {"running"}
+    bank = PromptBank.from_file(tmp_path / "out" / "best_prompts.json", sorted(names.values()))
+    assert bank.templates_for("café dancing")

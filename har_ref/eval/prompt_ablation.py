@@ -268,7 +268,8 @@ def ablate_prompts(weights_dir: str | Path, data_dir: str | Path, out_dir: str |
     best = {c: [raw[c][t - first[c]] for t in chosen[k]] for k, c in enumerate(class_names)}
     best_file = out_dir / "best_prompts.json"
     best_file.write_text(json.dumps({"templates": spec["templates"],
-                                     "class_templates": spec.get("class_templates", {}),
+                                     "class_templates": {c: t for c, t in spec.get("class_templates", {}).items()
+                                                         if c in class_names},  # a bank for this label set
                                      "replace_templates": best}, indent=2) + "\n")
     ensemble = compute_metrics(y_true, base.argmax(1), class_names)
     chosen_metrics = compute_metrics(y_true, model_logits(model, image_emb, chosen_emb).argmax(1), class_names)
