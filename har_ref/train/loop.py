@@ -60,7 +60,7 @@ class EmbedBoth(nn.Module):
 
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor):
         # No attention mask: SigLIP was trained attending to its padding, and CLIP's causal
-        # tower pools before any padding (see evaluate.class_embeddings).
+        # tower pools before any padding (see embed.class_embeddings).
         return self.model.encode_image(pixels), self.model.encode_text(input_ids)
 
 
