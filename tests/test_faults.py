@@ -117,6 +117,35 @@ def test_sigkill_in_cached_mode_rereads_the_pending_micro_batches(reference, wei
     assert outcome(out) == reference["cached"]
 
 
+def torchrun(args: list[str], fault: dict | None = None, killed: bool = False) -> subprocess.CompletedProcess:
+    """2 ranks (gloo, CPU) of the fault runner; every rank injects the fault."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), str(RUNNER), json.dumps(fault or {}), *args], capture_output=True, text=True,
+                          env=ENV)
+    assert (done.returncode != 0) == killed, done.stderr[-3000:]
+    return done
+
+
+def test_two_rank_cached_run_killed_and_resumed_equals_an_uninterrupted_one(weights, data_dir, tmp_path):
+    """torchrun, 2 ranks x 7 micro-batches of 4 per epoch, 3 per step, one contrastive problem per
+    step over both ranks: the checkpoints of micro-batches 4 and 8 hold every rank's own pending
+    micro-batches (8's span the epoch boundary), and each rank re-reads its own."""
+    args = lambda out: flags("siglip", weights, data_dir, out, **{**CACHED, "--micro-batch": 4})  # noqa: E731
+    torchrun(args(tmp_path / "reference"))
+    out = tmp_path / "run"
+    torchrun(args(out), {"kill_after_micro": 5}, killed=True)
+    resumed = torchrun(args(out) + ["--resume"], {"kill_after_micro": 9}, killed=True)
+    assert "at epoch 1, micro-batch 4" in resumed.stdout
+    resumed = torchrun(args(out) + ["--resume"])
+    assert "at epoch 2, micro-batch 1" in resumed.stdout
+    assert outcome(out) == outcome(tmp_path / "reference")
+
+
 def test_sigkill_at_random_moments_with_a_worker(reference, weights, data_dir, tmp_path):
     """Killed from outside at random moments (in a step, a write, evaluation, or after the end);
     with a data worker where the reference had none: augmentation depends on the item only."""

@@ -107,8 +107,8 @@ def test_resume_continues_where_it_stopped(clip_weights, data_dir, tmp_path, mon
     train(tiny_cfg("clip"), clip_weights, data_dir, full)
     save = checkpoint.save
 
-    def save_then_crash(model, state, run):
-        save(model, state, run)
+    def save_then_crash(*args):
+        save(*args)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(checkpoint, "save", save_then_crash)

@@ -5,7 +5,7 @@ A checkpoint is RUN/checkpoint/: model.safetensors (+ config.json) and trainer_s
 tensors and plain Python values read back with torch.load(weights_only=True), so resuming never
 unpickles code. It holds everything the rest of the run depends on: optimizer, scheduler, GradScaler,
 XBM contents, RNG states, the gradients of an optimizer step still accumulating (independent
-mode) or the (epoch, index) keys of its micro-batches (cached mode: the images are re-read), the
+mode) or the (epoch, index) keys of every rank's micro-batches (cached mode: the images are re-read), the
 position inside the epoch, and the epoch's running loss statistics. With it, a resumed run ends
 with the same weights, bit for bit on the CPU, as one that never stopped (tests/test_faults.py).
 
@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from .. import distributed as dist
 from ..model.dual_encoder import DualEncoder, load_state, read_safetensors, save_model
 from .config import TrainConfig
 from .state import MicroBatch, TrainState
@@ -47,8 +48,10 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save(model: DualEncoder, state: TrainState, run: Path) -> Path:
-    """Write RUN/checkpoint/ (the weights and `state`) so that a kill at any moment leaves one complete."""
+def save(model: DualEncoder, state: TrainState, run: Path, pending: list | None = None) -> Path:
+    """Write RUN/checkpoint/ (the weights and `state`) so that a kill at any moment leaves one complete.
+    `pending`: per rank, the (epoch, indices) keys of its micro-batches in `state.pending` (this
+    process's own if None); under torchrun only rank 0 writes, so it is handed every rank's."""
     tmp, final, old = run / "checkpoint.tmp", run / "checkpoint", run / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, tmp)
@@ -62,7 +65,7 @@ def save(model: DualEncoder, state: TrainState, run: Path) -> Path:
         "rng_python": list(random.getstate()[1]),
         # gradients accumulated towards the next optimizer step (None right after a step)
         "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
-        "pending": [(batch.epoch, batch.indices.tolist()) for batch in state.pending],
+        "pending": pending if pending is not None else [[(b.epoch, b.indices.tolist()) for b in state.pending]],
         "nonfinite": state.nonfinite.state_dict(),
         "epoch": state.epoch, "step": state.step, "micro_step": state.micro_step,
         "batch_in_epoch": state.batch_in_epoch, "epoch_losses": list(state.epoch_losses),
@@ -115,7 +118,10 @@ def load(run: Path, model: DualEncoder, state: TrainState,
     params = dict(model.named_parameters())
     for name, grad in saved["grads"].items():
         params[name].grad = grad.to(params[name].device)
-    state.pending = [reread(epoch, indices) for epoch, indices in saved["pending"]]
+    if len(saved["pending"]) != dist.world_size():
+        raise ValueError(f"{ckpt} was written by a run of {len(saved['pending'])} process(es); resume it with "
+                         f"as many (torchrun --nproc_per_node), not {dist.world_size()}.")
+    state.pending = [reread(epoch, indices) for epoch, indices in saved["pending"][dist.rank()]]
     state.nonfinite.load_state_dict(saved["nonfinite"])
     state.epoch, state.step, state.micro_step = saved["epoch"], saved["step"], saved["micro_step"]
     state.batch_in_epoch, state.epoch_losses = saved["batch_in_epoch"], list(saved["epoch_losses"])

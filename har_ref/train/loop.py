@@ -117,7 +117,7 @@ def train_epoch(run: Run, state: TrainState) -> dict:
 def contrastive_loss(run: Run, state: TrainState, image: torch.Tensor, text: torch.Tensor,
                      labels: torch.Tensor) -> torch.Tensor:
     """The loss of local anchors against every candidate: local rows, other ranks' rows, the memory."""
-    image, text = image.float(), text.float()  # losses in fp32: sums of up to 32k exponentials
+    image, text = at_least_fp32(image), at_least_fp32(text)  # sums of up to 32k exponentials
     extra = [(dist.gather_from_other_ranks(image), dist.gather_from_other_ranks(text),
               dist.gather_from_other_ranks(labels))] if dist.is_distributed() else []
     memory = state.xbm.get() if state.xbm is not None else None
@@ -125,6 +125,11 @@ def contrastive_loss(run: Run, state: TrainState, image: torch.Tensor, text: tor
         extra.append(tuple(memory))
     candidates = tuple(torch.cat(parts) for parts in zip(*extra)) if extra else (None, None, None)
     return run.loss(image, text, labels, candidates)
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 embeddings to fp32 for the loss; fp64 ones (the tests' exact comparisons) stay fp64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def remember(state: TrainState, image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> None:
@@ -150,21 +155,44 @@ def independent_micro_step(run: Run, state: TrainState, batch: MicroBatch, last_
 
 
 def cached_step(run: Run, state: TrainState, batches: list[MicroBatch]) -> float:
-    """The step's micro-batches as one contrastive problem (GradCache): embed all without a graph, take
-    d loss / d embeddings once, then re-run each micro-batch with a graph and chain those gradients in."""
+    """The step's micro-batches, on every rank, as one contrastive problem (GradCache): embed all
+    without a graph, take d loss / d embeddings once, then re-run each micro-batch with a graph and
+    chain those gradients in.
+
+    Why this is the gradient of the single-process loss L on all W*K*B rows (W ranks, K micro-batches
+    of B): L is a mean over its anchors, so L = (1/W) * sum_r loss_r, loss_r being the mean over rank
+    r's K*B anchors against every candidate (contrastive_loss: own rows, other ranks' rows, memory).
+    The gather's backward (distributed.py) sums into each rank's rows the gradients of every loss_r,
+    so the cached gradient of each embedding e is W * dL/de, and the re-runs give rank r
+        sum over its rows of  W * dL/de * de/dtheta   +   d loss_r / d(t, b).
+    DDP averages that over ranks on the last micro-batch (the others run under no_sync and only
+    accumulate): sum over all rows of dL/de * de/dtheta + (1/W) sum_r d loss_r / d(t, b), which is
+    dL/dtheta and dL/d(t, b). The t and b gradients are taken out of .grad after the loss's backward
+    and chained in again on the last re-run, inside DDP's backward: there DDP averages them; left in
+    .grad they would stay each rank's own. In a single process (W = 1) every factor is 1.
+    """
     with torch.no_grad(), autocast(run.precision, run.device):
         embs = [run.embed(batch.pixels, batch.ids) for batch in batches]
-    image = torch.cat([e[0] for e in embs]).float().requires_grad_()
-    text = torch.cat([e[1] for e in embs]).float().requires_grad_()
+    image = at_least_fp32(torch.cat([e[0] for e in embs])).requires_grad_()
+    text = at_least_fp32(torch.cat([e[1] for e in embs])).requires_grad_()
     labels = torch.cat([batch.labels for batch in batches])
     loss = contrastive_loss(run, state, image, text, labels)
     state.scaler.scale(loss).backward()  # d loss / d embeddings, and the logit scale/bias grads
+    loss_params = [p for p in (run.model.logit_scale, run.model.logit_bias) if p is not None and p.grad is not None]
+    loss_grads = [p.grad for p in loss_params]
+    for p in loss_params:
+        p.grad = None
     start = 0
-    for batch in batches:  # re-run with grad; chain rule through the cached gradients
-        end = start + batch.pixels.shape[0]
-        with autocast(run.precision, run.device):
-            img, txt = run.embed(batch.pixels, batch.ids)
-        ((img.float() * image.grad[start:end]).sum() + (txt.float() * text.grad[start:end]).sum()).backward()
+    for i, batch in enumerate(batches):  # re-run with grad; chain rule through the cached gradients
+        end, last = start + batch.pixels.shape[0], i == len(batches) - 1
+        with nullcontext() if last or not dist.is_distributed() else run.embed.no_sync():
+            with autocast(run.precision, run.device):
+                img, txt = run.embed(batch.pixels, batch.ids)
+            chained = ((at_least_fp32(img) * image.grad[start:end]).sum()
+                       + (at_least_fp32(txt) * text.grad[start:end]).sum())
+            if last:
+                chained = chained + sum((p * g).sum() for p, g in zip(loss_params, loss_grads))
+            chained.backward()
         start = end
     remember(state, image, text, labels)
     return loss.item()
@@ -216,8 +244,10 @@ def after_micro_batch(run: Run, state: TrainState) -> None:
 
 
 def save_checkpoint(run: Run, state: TrainState) -> None:
+    """Rank 0 writes; every rank's pending micro-batch keys go in (cached mode: each rank re-reads its own)."""
+    pending = dist.all_gather_object([(batch.epoch, batch.indices.tolist()) for batch in state.pending])
     if run.main:
-        checkpoint.save(run.model, state, run.out)
+        checkpoint.save(run.model, state, run.out, pending)
     state.last_save = time.monotonic()
 
 

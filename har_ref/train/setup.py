@@ -79,9 +79,6 @@ def setup(cfg: TrainConfig, weights: Path, data: Path, out: Path, resume: bool, 
     precision = resolve_precision(cfg.precision, device)
     embed = EmbedBoth(model)
     if dist.is_distributed():
-        if cfg.accum_mode == "cached":
-            raise ValueError("--accum-mode cached is single-process only; under torchrun use independent "
-                             "(every rank's batch is already gathered into one contrastive problem).")
         embed = DistributedDataParallel(embed)
     if cfg.compile:  # compiles EmbedBoth.forward, i.e. both towers (compiling the model would only cover logits)
         embed = torch.compile(embed)
