@@ -113,6 +113,13 @@ def all_gather_object(obj) -> list:
     return gathered
 
 
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In place: the sum of `tensor` over every rank (itself in a single process)."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if is_distributed():

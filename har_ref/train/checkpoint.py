@@ -48,10 +48,12 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save(model: DualEncoder, state: TrainState, run: Path, pending: list | None = None) -> Path:
+def save(model: DualEncoder, state: TrainState, run: Path, pending: list | None = None,
+         grads: dict[str, torch.Tensor] | None = None) -> Path:
     """Write RUN/checkpoint/ (the weights and `state`) so that a kill at any moment leaves one complete.
     `pending`: per rank, the (epoch, indices) keys of its micro-batches in `state.pending` (this
-    process's own if None); under torchrun only rank 0 writes, so it is handed every rank's."""
+    process's own if None); under torchrun only rank 0 writes, so it is handed every rank's, and `grads`,
+    the ranks' summed partial gradients (this process's own if None)."""
     tmp, final, old = run / "checkpoint.tmp", run / "checkpoint", run / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, tmp)
@@ -64,7 +66,7 @@ def save(model: DualEncoder, state: TrainState, run: Path, pending: list | None 
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "rng_python": list(random.getstate()[1]),
         # gradients accumulated towards the next optimizer step (None right after a step)
-        "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+        "grads": grads if grads is not None else {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
         "pending": pending if pending is not None else [[(b.epoch, b.indices.tolist()) for b in state.pending]],
         "nonfinite": state.nonfinite.state_dict(),
         "epoch": state.epoch, "step": state.step, "micro_step": state.micro_step,
@@ -116,8 +118,9 @@ def load(run: Path, model: DualEncoder, state: TrainState,
         torch.cuda.set_rng_state_all(saved["rng_cuda"])
     random.setstate((3, tuple(saved["rng_python"]), None))
     params = dict(model.named_parameters())
-    for name, grad in saved["grads"].items():
-        params[name].grad = grad.to(params[name].device)
+    if dist.rank() == 0:  # under torchrun the saved gradients are every rank's sum (loop.save_checkpoint)
+        for name, grad in saved["grads"].items():
+            params[name].grad = grad.to(params[name].device)
     if len(saved["pending"]) != dist.world_size():
         raise ValueError(f"{ckpt} was written by a run of {len(saved['pending'])} process(es); resume it with "
                          f"as many (torchrun --nproc_per_node), not {dist.world_size()}.")

@@ -244,10 +244,20 @@ def after_micro_batch(run: Run, state: TrainState) -> None:
 
 
 def save_checkpoint(run: Run, state: TrainState) -> None:
-    """Rank 0 writes; every rank's pending micro-batch keys go in (cached mode: each rank re-reads its own)."""
+    """Rank 0 writes; every rank's pending micro-batch keys go in (cached mode: each rank re-reads its own).
+
+    Independent mode under torchrun, mid-step: each rank holds its own partial gradient sum g_r (no_sync),
+    and the step's end averages sum_r g_r over the ranks. Only that sum matters, so the checkpoint holds
+    it (one all-reduce of a copy; the running ranks keep their own) and a resumed rank 0 starts from it,
+    the other ranks from zero: the same step, up to the order of the floating-point additions."""
     pending = dist.all_gather_object([(batch.epoch, batch.indices.tolist()) for batch in state.pending])
+    grads = None
+    if dist.is_distributed() and any(p.grad is not None for p in run.model.parameters()):
+        grads = {n: p.grad.detach().clone() for n, p in run.model.named_parameters() if p.grad is not None}
+        for grad in grads.values():
+            dist.all_reduce_sum(grad)
     if run.main:
-        checkpoint.save(run.model, state, run.out, pending)
+        checkpoint.save(run.model, state, run.out, pending, grads)
     state.last_save = time.monotonic()
 
 
