@@ -126,9 +126,9 @@ class VisionTransformer(nn.Module):
         the caller holds anyway. On the CPU the convolution's backward allocates oneDNN buffers the
         matmul does not. Like the convolution, it drops a partial last patch.
 
-        Measured, CLIP ViT-B/32 image tower, batch 32, forward + backward, 1 thread (fp32, CPU):
-        peak memory GAIN_PATCH_MEM; time GAIN_PATCH_TIME.
-            PYTHONPATH=. python tests/bench/bench_shortcuts.py
+        Measured, CLIP ViT-B/32 image tower at batch 32, forward + backward, fp32, 1 thread on the CPU
+        (PYTHONPATH=. python tests/bench/bench_shortcuts.py): peak tensor memory 896 -> 561 MiB (-37%);
+        time 21.2 -> 19.5 s, one round on a loaded 2-core machine (within noise).
         """
         weight, bias = self.patch_embed.weight, self.patch_embed.bias
         if torch.is_grad_enabled():
