@@ -104,6 +104,22 @@ def gather_from_other_ranks(x: Tensor) -> Tensor:
     return torch.cat([gathered[:start], gathered[start + x.shape[0]:]], dim=0)
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's `obj` (plain Python values), in rank order; [obj] in a single process."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In place: the sum of `tensor` over every rank (itself in a single process)."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if is_distributed():

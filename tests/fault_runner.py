@@ -19,7 +19,7 @@ import torch
 torch.set_num_threads(1)  # the same arithmetic in every process (tests/test_faults.py compares bytes)
 
 from har_ref.__main__ import main  # noqa: E402
-from har_ref.train.loop import Trainer  # noqa: E402
+import har_ref.train.loop as loop  # noqa: E402
 
 fault = json.loads(sys.argv[1])
 current = {"micro": 0}
@@ -29,15 +29,15 @@ def kill(sig=signal.SIGKILL):
     os.kill(os.getpid(), sig)
 
 
-after_micro_batch = Trainer.after_micro_batch
+after_micro_batch = loop.after_micro_batch
 
 
-def faulty_after_micro_batch(self):
-    current["micro"] = self.micro_step
-    if fault.get("sigint_at_micro") == self.micro_step:
+def faulty_after_micro_batch(run, state):
+    current["micro"] = state.micro_step
+    if fault.get("sigint_at_micro") == state.micro_step:
         kill(signal.SIGINT)  # as if the user pressed Ctrl-C while this micro-batch ran
-    after_micro_batch(self)
-    if fault.get("kill_after_micro") == self.micro_step:
+    after_micro_batch(run, state)
+    if fault.get("kill_after_micro") == state.micro_step:
         kill()
 
 
@@ -67,6 +67,6 @@ def faulty_rmtree(path, *args, **kwargs):
     real_rmtree(path, *args, **kwargs)
 
 
-Trainer.after_micro_batch = faulty_after_micro_batch
+loop.after_micro_batch = faulty_after_micro_batch
 torch.save, os.replace, shutil.rmtree = faulty_save, faulty_replace, faulty_rmtree
 sys.exit(main(sys.argv[2:]))

@@ -1,4 +1,4 @@
-"""Bad input a real dataset, checkpoint or command line brings (issue 6): each case is either
+"""Bad input a real dataset, checkpoint or command line brings: each case is either
 converted correctly, or skipped and reported, or refused with one sentence and exit status 2.
 
 Commands run in process through har_ref.__main__.main, which is what `python -m har_ref` calls: an

@@ -1,6 +1,8 @@
-"""DDP on 2 CPU processes (gloo): gathered-candidate losses give the single-process gradient."""
+"""DDP on 2 CPU processes (gloo): gathered-candidate losses give the single-process gradient, and
+cached accumulation over 2 ranks trains the weights of one process with the whole batch."""
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
@@ -117,3 +119,89 @@ def test_single_process_helpers_are_identity(monkeypatch):
     assert distributed.gather_with_grad(x) is x
     assert distributed.gather_from_other_ranks(x).shape == (0, 3)
     distributed.cleanup()  # no-op
+
+
+# ---------------------------------------------------------------- cached accumulation under DDP, end to end
+
+K, B, STEPS = 2, 4, 3  # 2 ranks x 2 micro-batches x 4 images per step vs one process x 16 images
+ORDER = torch.randperm(60, generator=torch.Generator().manual_seed(3)).tolist()  # the synthetic set's 60 images
+
+
+def double_setup(cfg, weights, data, out):
+    """setup() (setup.py) with the model in float64, so the comparison is about the algorithm, not rounding."""
+    import har_ref.train.setup as setup_module
+
+    load_model = setup_module.load_model
+    setup_module.load_model = lambda *args, **kwargs: load_model(*args, **kwargs).double()
+    try:
+        return setup_module.setup(cfg, weights, data, out, resume=False, overwrite=False)
+    finally:
+        setup_module.load_model = load_model
+
+
+def micro_batch(run, indices):
+    from har_ref.train.setup import reread_micro_batch
+
+    batch = reread_micro_batch(run, 0, indices)
+    return batch._replace(pixels=batch.pixels.double())
+
+
+def cached_cfg(family, **overrides):
+    from har_ref.train.config import TrainConfig
+
+    base = dict(model=family, epochs=1, micro_batch=B, accum_steps=K, accum_mode="cached", xbm_size=4 * B,
+                xbm_warmup_steps=1, lr=1e-3, warmup_steps=1, precision="fp32", workers=0, augment=False)
+    return TrainConfig(**{**base, **overrides})
+
+
+def cached_worker(rank, port, family, weights, data, out_dir):
+    import os
+
+    from har_ref.train import loop
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    run, state = double_setup(cached_cfg(family), weights, data, out_dir / "run")
+    for step in range(STEPS):  # rank r holds micro-batches 2r and 2r+1 of the step's 4
+        rows = ORDER[step * WORLD * K * B:(step + 1) * WORLD * K * B]
+        batches = [micro_batch(run, rows[(rank * K + k) * B:(rank * K + k + 1) * B]) for k in range(K)]
+        loop.cached_step(run, state, batches)
+        loop.optimizer_step(run, state)
+    torch.save({"weights": run.model.state_dict(), "total_steps": run.total_steps},
+               out_dir / f"cached-rank{rank}.pt")
+    distributed.cleanup()
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_cached_two_ranks_equal_one_process_with_the_whole_batch(family, tiny_weights, tmp_path, monkeypatch,
+                                                                  measured):
+    """--accum-mode cached under DDP: 2 ranks x 2 micro-batches x 4 train the weights of one process
+    with one batch of 16 (the independent step, the plain path), same-class positives and the memory
+    included (16 rows, on from the second step), in float64: the DDP argument in loop.cached_step."""
+    from har_ref.demo.synthetic import generate
+    from har_ref.train import loop
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    data = tmp_path / "data"
+    generate(data, train_per_class=4, test_per_class=2, image_size=32, seed=0)
+    mp.spawn(cached_worker, args=(free_port(), family, tiny_weights[family], data, tmp_path), nprocs=WORLD,
+             join=True)
+    ranks = [torch.load(tmp_path / f"cached-rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+    run, state = double_setup(cached_cfg(family, micro_batch=WORLD * K * B, accum_steps=1,
+                                         accum_mode="independent"), tiny_weights[family], data, tmp_path / "one")
+    assert run.total_steps == ranks[0]["total_steps"]  # the same schedule
+    for step in range(STEPS):
+        big = micro_batch(run, ORDER[step * WORLD * K * B:(step + 1) * WORLD * K * B])
+        assert len(set(big.labels.tolist())) < len(big.labels)  # same-class positives in the batch
+        loop.independent_micro_step(run, state, big, last_of_step=True)
+        loop.optimizer_step(run, state)
+    assert state.xbm.get() is not None  # the memory took part
+    worst = 0.0
+    for name, weight in run.model.state_dict().items():
+        for r in range(WORLD):
+            worst = max(worst, (ranks[r]["weights"][name] - weight).abs().max().item())
+    measured(f"[ddp cached] {family}: max |2 ranks x 2 micro-batches - 1 process x 16| over all weights "
+             f"after {STEPS} steps (fp64): {worst:.2e}")
+    assert worst < 1e-9

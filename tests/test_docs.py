@@ -89,18 +89,18 @@ def test_every_code_reference_resolves():
 
 
 def test_checker_flags_made_up_references():
-    text = "see `har_ref/train/loop.py::Trainer.cached_step`, `har_ref/train/xbm.py` and har_ref/train/losses.py::clip_loss."
-    assert find_references(text) == [("har_ref/train/loop.py", "Trainer.cached_step"), ("har_ref/train/xbm.py", None),
+    text = "see `har_ref/data/prompts.py::PromptSampler.sample`, `har_ref/train/xbm.py` and har_ref/train/losses.py::clip_loss."
+    assert find_references(text) == [("har_ref/data/prompts.py", "PromptSampler.sample"), ("har_ref/train/xbm.py", None),
                                      ("har_ref/train/losses.py", "clip_loss")]
     assert find_references("a bare layers.py in prose") == [("layers.py", None)]
     # real ones resolve: function, method, constant, dataclass field, test function
-    for path, name in [("har_ref/train/losses.py", "clip_loss"), ("har_ref/train/loop.py", "Trainer.cached_step"),
+    for path, name in [("har_ref/train/losses.py", "clip_loss"), ("har_ref/data/prompts.py", "PromptSampler.sample"),
                        ("har_ref/train/losses.py", "MAX_LOGIT_SCALE"), ("har_ref/train/config.py", "TrainConfig.xbm_warmup_steps"),
                        ("tests/test_losses.py", "naive_clip_loss"), ("har_ref/train/xbm.py", None)]:
         assert check_reference(path, name) is None, (path, name)
     # made-up ones are flagged, each with a reason
-    for path, name in [("har_ref/train/losses.py", "clip_los"), ("har_ref/train/loop.py", "Trainer.cached_stepp"),
-                       ("har_ref/train/loop.py", "Trainer.cached_step.inner"), ("har_ref/no_such_module.py", None),
+    for path, name in [("har_ref/train/losses.py", "clip_los"), ("har_ref/data/prompts.py", "PromptSampler.samplee"),
+                       ("har_ref/data/prompts.py", "PromptSampler.sample.inner"), ("har_ref/no_such_module.py", None),
                        ("layers.py", None), ("har_ref/train/xbm.py", "CrossBatchMemory.enqueue.x")]:
         assert check_reference(path, name), (path, name)
 

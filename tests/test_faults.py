@@ -1,4 +1,4 @@
-"""Faults a long run must survive (issue 6): SIGKILL at any moment, Ctrl-C, non-finite losses.
+"""Faults a long run must survive: SIGKILL at any moment, Ctrl-C, non-finite losses.
 
 Kills are real: each run is a `python -m har_ref train` process (through tests/fault_runner.py,
 which can make the process SIGKILL or SIGINT itself at a chosen point: after micro-batch N, in
@@ -24,7 +24,8 @@ import torch
 
 from har_ref.train.checkpoint import find_checkpoint
 from har_ref.demo.synthetic import generate
-from har_ref.train.loop import Trainer
+import har_ref.train.loop as loop
+from har_ref.train.loop import train
 from har_ref.train.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,6 +117,53 @@ def test_sigkill_in_cached_mode_rereads_the_pending_micro_batches(reference, wei
     assert outcome(out) == reference["cached"]
 
 
+def torchrun(args: list[str], fault: dict | None = None, killed: bool = False) -> subprocess.CompletedProcess:
+    """2 ranks (gloo, CPU) of the fault runner; every rank injects the fault."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), str(RUNNER), json.dumps(fault or {}), *args], capture_output=True, text=True,
+                          env=ENV)
+    assert (done.returncode != 0) == killed, done.stderr[-3000:]
+    return done
+
+
+def test_two_rank_cached_run_killed_and_resumed_equals_an_uninterrupted_one(weights, data_dir, tmp_path):
+    """torchrun, 2 ranks x 7 micro-batches of 4 per epoch, 3 per step, one contrastive problem per
+    step over both ranks: the checkpoints of micro-batches 4 and 8 hold every rank's own pending
+    micro-batches (8's span the epoch boundary), and each rank re-reads its own."""
+    args = lambda out: flags("siglip", weights, data_dir, out, **{**CACHED, "--micro-batch": 4})  # noqa: E731
+    torchrun(args(tmp_path / "reference"))
+    out = tmp_path / "run"
+    torchrun(args(out), {"kill_after_micro": 5}, killed=True)
+    resumed = torchrun(args(out) + ["--resume"], {"kill_after_micro": 9}, killed=True)
+    assert "at epoch 1, micro-batch 4" in resumed.stdout
+    resumed = torchrun(args(out) + ["--resume"])
+    assert "at epoch 2, micro-batch 1" in resumed.stdout
+    assert outcome(out) == outcome(tmp_path / "reference")
+
+
+def test_two_rank_independent_run_killed_mid_step_resumes_to_the_same_weights(weights, data_dir, tmp_path):
+    """torchrun, 2 ranks, independent accumulation of 2 micro-batches, killed after micro-batch 5 whose
+    last checkpoint (micro-batch 3) holds half a step: each rank's partial gradients differ, and the
+    checkpoint keeps their sum (what the step's all-reduce uses). Equal up to summation order."""
+    from har_ref.model.dual_encoder import read_safetensors
+
+    args = lambda out: flags("clip", weights, data_dir, out, **{"--micro-batch": 4})  # noqa: E731
+    torchrun(args(tmp_path / "reference"))
+    out = tmp_path / "run"
+    torchrun(args(out), {"kill_after_micro": 5}, killed=True)
+    resumed = torchrun(args(out) + ["--resume"])
+    assert "at epoch 1, micro-batch 3" in resumed.stdout
+    expected, got = read_safetensors(tmp_path / "reference" / "model.safetensors"), read_safetensors(out / "model.safetensors")
+    worst = max((expected[k] - got[k]).abs().max().item() for k in expected)
+    print(f"[ddp] independent resume: max |uninterrupted - resumed| over all weights: {worst:.2e}")
+    assert worst < 1e-5
+
+
 def test_sigkill_at_random_moments_with_a_worker(reference, weights, data_dir, tmp_path):
     """Killed from outside at random moments (in a step, a write, evaluation, or after the end);
     with a data worker where the reference had none: augmentation depends on the item only."""
@@ -162,13 +210,26 @@ def tiny_cfg(model: str, **overrides) -> TrainConfig:
 
 
 def poison_losses(monkeypatch, micro_steps, factor=float("nan")):
-    """Make Trainer.loss return loss * factor at the given micro-steps (1-based)."""
-    original = Trainer.loss
+    """Make the training loss return loss * factor at the given micro-steps (1-based)."""
+    original = loop.contrastive_loss
 
-    def loss(self, image, text, labels):
-        value = original(self, image, text, labels)
-        return value * factor if self.micro_step in micro_steps else value
-    monkeypatch.setattr(Trainer, "loss", loss)
+    def loss(run, state, image, text, labels):
+        value = original(run, state, image, text, labels)
+        return value * factor if state.micro_step in micro_steps else value
+    monkeypatch.setattr(loop, "contrastive_loss", loss)
+
+
+def watch_steps(monkeypatch) -> dict:
+    """Record the run, its state and the weights after every optimizer step (keyed by micro-step)."""
+    seen = {"weights_after": {}}
+    original_step = loop.optimizer_step
+
+    def optimizer_step(run, state):
+        original_step(run, state)
+        seen.update(run=run, state=state)
+        seen["weights_after"][state.micro_step] = torch.cat([p.detach().flatten() for p in run.model.parameters()])
+    monkeypatch.setattr(loop, "optimizer_step", optimizer_step)
+    return seen
 
 
 def all_finite(model) -> bool:
@@ -177,22 +238,16 @@ def all_finite(model) -> bool:
 
 def test_an_isolated_nan_loss_skips_its_step_and_is_counted(weights, data_dir, tmp_path, monkeypatch):
     poison_losses(monkeypatch, {3})
-    weights_after = {}  # micro-step -> all weights after the optimizer step that ended there
-    original_step = Trainer.optimizer_step
-
-    def optimizer_step(self):
-        original_step(self)
-        weights_after[self.micro_step] = torch.cat([p.detach().flatten() for p in self.model.parameters()])
-    monkeypatch.setattr(Trainer, "optimizer_step", optimizer_step)
-    trainer = Trainer(tiny_cfg("clip"), weights["clip"], data_dir, tmp_path / "run")
-    metrics = trainer.run()
+    seen = watch_steps(monkeypatch)
+    weights_after = seen["weights_after"]  # micro-step -> all weights after the optimizer step that ended there
+    metrics = train(tiny_cfg("clip"), weights["clip"], data_dir, tmp_path / "run")
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [(r["nonfinite_losses"], r["skipped_steps"]) for r in log] == [(1, 1), (0, 0)]
     assert torch.equal(weights_after[4], weights_after[2])  # the step of micro-batches 3-4 changed nothing
     assert not torch.equal(weights_after[6], weights_after[4])  # and training went on
     assert all(r["loss"] == r["loss"] for r in log)  # the epoch's mean leaves the NaN out
-    assert all_finite(trainer.model) and 0 <= metrics["accuracy"] <= 1
-    assert torch.isfinite(trainer.xbm.get()[0]).all()
+    assert all_finite(seen["run"].model) and 0 <= metrics["accuracy"] <= 1
+    assert torch.isfinite(seen["state"].xbm.get()[0]).all()
 
 
 def test_consecutive_nan_losses_stop_the_run_and_keep_the_last_good_checkpoint(weights, data_dir, tmp_path,
@@ -214,13 +269,13 @@ def test_consecutive_nan_losses_stop_the_run_and_keep_the_last_good_checkpoint(w
 
 def test_fp16_overflow_is_skipped_by_the_grad_scaler_and_counted(weights, data_dir, tmp_path, monkeypatch):
     """A finite loss whose scaled gradients overflow: the GradScaler skips the step and halves its scale."""
-    import har_ref.train.loop as train_module
+    import har_ref.train.setup as setup_module
 
-    monkeypatch.setattr(train_module, "grad_scaler", lambda precision, device: torch.amp.GradScaler("cpu"))
+    monkeypatch.setattr(setup_module, "grad_scaler", lambda precision, device: torch.amp.GradScaler("cpu"))
     poison_losses(monkeypatch, {1}, factor=1e36)  # loss ~1e36 is finite; x 65536 (the scale) is not
-    trainer = Trainer(tiny_cfg("clip", epochs=1), weights["clip"], data_dir, tmp_path / "run")
-    trainer.run()
+    seen = watch_steps(monkeypatch)
+    train(tiny_cfg("clip", epochs=1), weights["clip"], data_dir, tmp_path / "run")
     log = json.loads((tmp_path / "run" / "log.jsonl").read_text())
     assert log["nonfinite_losses"] == 0 and log["skipped_steps"] == 1
-    assert trainer.scaler.get_scale() == 2.0 ** 15  # one backoff from 2 ** 16
-    assert all_finite(trainer.model)
+    assert seen["state"].scaler.get_scale() == 2.0 ** 15  # one backoff from 2 ** 16
+    assert all_finite(seen["run"].model)

@@ -1,4 +1,8 @@
-"""Losses: gradcheck, a per-pair python reference, and parity with open_clip and transformers."""
+"""Losses: the plain equations (losses.py's `*_plain`) are the specification of the optimized ones.
+
+The plain functions are checked against the definitions written out one pair at a time; the
+optimized `clip_loss` and `siglip_loss` against the plain ones, values and gradients in float64;
+then gradcheck, and parity with open_clip and transformers."""
 import math
 
 import pytest
@@ -6,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.bench_tools import tensor_allocations  # tests/bench/: the profiler bookkeeping `make bench` uses
-from har_ref.train.losses import (balanced_pos_weight, clamp_logit_scale_, clip_loss, positive_mask,
-                            siglip_loss)
+from har_ref.train.losses import (balanced_pos_weight, clamp_logit_scale_, clip_loss, clip_loss_plain,
+                                  positive_mask, siglip_loss, siglip_loss_plain)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,29 +83,61 @@ def naive_siglip_loss(image, text, scale, bias, labels=None, pos_weight=None,
     return total / 2
 
 
-# --- exact values against the reference ----------------------------------------------------
+# --- the plain equations against the per-pair definitions --------------------------------------
 
-@pytest.mark.parametrize("labels", [None, LABELS], ids=["diagonal", "classes"])
-@pytest.mark.parametrize("memory", [False, True], ids=["batch", "memory"])
-def test_clip_loss_matches_per_pair_reference(labels, memory):
-    x = make_inputs(memory=memory)
+CASES = [(labels, memory) for labels in (None, LABELS) for memory in (False, True)]
+CASE_IDS = [f"{'classes' if labels is not None else 'diagonal'}-{'memory' if memory else 'batch'}"
+            for labels, memory in CASES]
+
+
+def case_arguments(labels, memory, requires_grad=False):
+    """(tensors, keyword arguments for the memory) of one case; the tensors are float64 leaves."""
+    x = {k: v.requires_grad_(requires_grad) for k, v in make_inputs(memory=memory).items()}
     memory_labels = MEMORY_LABELS if (memory and labels is not None) else None
-    kwargs = dict(memory_image=x.get("memory_image"), memory_text=x.get("memory_text"), memory_labels=memory_labels)
-    got = clip_loss(x["image"], x["text"], x["scale"], labels, **kwargs)
+    return x, dict(memory_image=x.get("memory_image"), memory_text=x.get("memory_text"), memory_labels=memory_labels)
+
+
+@pytest.mark.parametrize("labels, memory", CASES, ids=CASE_IDS)
+def test_clip_loss_plain_matches_per_pair_reference(labels, memory):
+    x, kwargs = case_arguments(labels, memory)
+    got = clip_loss_plain(x["image"], x["text"], x["scale"], labels, **kwargs)
     want = naive_clip_loss(x["image"], x["text"], x["scale"], labels, **kwargs)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("labels", [None, LABELS], ids=["diagonal", "classes"])
-@pytest.mark.parametrize("memory", [False, True], ids=["batch", "memory"])
+@pytest.mark.parametrize("labels, memory", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("pos_weight", [None, 3.5], ids=["unweighted", "pos_weight"])
-def test_siglip_loss_matches_per_pair_reference(labels, memory, pos_weight):
-    x = make_inputs(memory=memory)
-    memory_labels = MEMORY_LABELS if (memory and labels is not None) else None
-    kwargs = dict(memory_image=x.get("memory_image"), memory_text=x.get("memory_text"), memory_labels=memory_labels)
-    got = siglip_loss(x["image"], x["text"], x["scale"], x["bias"], labels, pos_weight, **kwargs)
+def test_siglip_loss_plain_matches_per_pair_reference(labels, memory, pos_weight):
+    x, kwargs = case_arguments(labels, memory)
+    got = siglip_loss_plain(x["image"], x["text"], x["scale"], x["bias"], labels, pos_weight, **kwargs)
     want = naive_siglip_loss(x["image"], x["text"], x["scale"], x["bias"], labels, pos_weight, **kwargs)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+# --- the optimized losses against the plain ones: values and gradients ----------------------------
+
+def assert_same_value_and_gradients(optimized, plain, x):
+    got, want = optimized(), plain()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    inputs = list(x.values())
+    for name, g, w in zip(x, torch.autograd.grad(got, inputs), torch.autograd.grad(want, inputs)):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=lambda m: f"gradient of {name}: {m}")
+
+
+@pytest.mark.parametrize("labels, memory", CASES, ids=CASE_IDS)
+def test_clip_loss_matches_plain_equation(labels, memory):
+    x, kwargs = case_arguments(labels, memory, requires_grad=True)
+    x.pop("bias")  # CLIP has none
+    assert_same_value_and_gradients(lambda: clip_loss(x["image"], x["text"], x["scale"], labels, **kwargs),
+                                    lambda: clip_loss_plain(x["image"], x["text"], x["scale"], labels, **kwargs), x)
+
+
+@pytest.mark.parametrize("labels, memory", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("pos_weight", [None, 3.5], ids=["unweighted", "pos_weight"])
+def test_siglip_loss_matches_plain_equation(labels, memory, pos_weight):
+    x, kwargs = case_arguments(labels, memory, requires_grad=True)
+    args = (x["image"], x["text"], x["scale"], x["bias"], labels, pos_weight)
+    assert_same_value_and_gradients(lambda: siglip_loss(*args, **kwargs), lambda: siglip_loss_plain(*args, **kwargs), x)
 
 
 def test_one_positive_per_row_labels_equal_diagonal():

@@ -1,7 +1,7 @@
 """`python -m har_ref predict` on tiny checkpoints and synthetic images.
 
-The probabilities are checked against logits computed independently with evaluate.py's
-scoring (class_embeddings + image_scores), so predict cannot drift from evaluation; the
+The probabilities are checked against logits computed independently with evaluation's
+scoring (embed.py: class_embeddings + image_scores), so predict cannot drift from evaluation; the
 label space of a fine-tuned run directory comes from a real (one-epoch) training run.
 Most runs call the CLI's main() in-process (fast on two cores); the subprocess runs prove
 the real entry point: `--json -` leaves JSON alone on stdout, errors are one line.
@@ -20,7 +20,7 @@ import torch
 from har_ref import load_model, load_tokenizer
 from har_ref.__main__ import main
 from har_ref.data.prompts import PromptBank
-from har_ref.eval.evaluate import class_embeddings, image_scores
+from har_ref.eval.embed import class_embeddings, image_scores
 from har_ref.eval.predict import fmt
 from har_ref.demo.synthetic import CLASS_NAMES, generate
 from har_ref.train.loop import train

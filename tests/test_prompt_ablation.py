@@ -12,11 +12,11 @@ from har_ref.demo import synthetic
 from har_ref.model.config import ModelConfig, TextConfig, VisionConfig
 from har_ref.data.folders import ImageFolderDataset, build_splits, make_eval_loader
 from har_ref.data.prompts import DEFAULT_PROMPTS, PromptBank, class_phrase
-from har_ref.eval.evaluate import class_embeddings, image_scores
+from har_ref.eval.embed import class_embeddings, image_scores
 from har_ref.eval.metrics import compute_metrics
 from har_ref.model.dual_encoder import DualEncoder, load_model, save_model
 from har_ref.eval.prompt_ablation import (ablate_prompts, best_prompts, column_labels, candidate_templates,
-                                     model_logits, template_scores, validation_slice)
+                                          score, template_scores, validation_slice)
 from har_ref.model.tokenizer import load_tokenizer
 from har_ref.demo.tokenizer_training import train_clip_bpe
 from har_ref.model.transforms import build_transform
@@ -77,7 +77,7 @@ def test_outputs_written_and_best_prompts_load(setup):
 
 
 def test_validation_numbers_match_evaluate_machinery(setup):
-    """The slice's logits, computed once from embeddings, equal evaluate.image_scores on the same images,
+    """The slice's logits, computed once from embeddings, equal embed.image_scores on the same images,
     for the bank's ensemble and for best_prompts.json."""
     weights, data, out, result = setup
     model, tokenizer = load_model(weights), load_tokenizer(weights)
@@ -148,15 +148,20 @@ def test_ties_go_to_lower_cross_entropy_then_bank_order():
 
 
 @pytest.mark.parametrize("family", ["clip", "siglip"])
-def test_model_logits_equal_image_scores(family):
+def test_one_scoring_path(family):
+    """Prompt ablation's scores, evaluation's image_scores and the model's own forward logits agree
+    (predict is pinned to image_scores in test_predict.py)."""
     torch.manual_seed(0)
     model = DualEncoder(tiny_config(family)).eval()
     pixels = torch.randn(5, 3, 32, 32)
     text_emb = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
     expected, _, _ = image_scores(model, [(pixels, torch.zeros(5), torch.arange(5))], text_emb)
     with torch.no_grad():
-        image_emb = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
-    np.testing.assert_allclose(model_logits(model, image_emb, text_emb), expected, rtol=1e-6, atol=1e-6)
+        image_emb = model.encode_image(pixels)
+        forward = model.logits(image_emb, text_emb).numpy()
+    np.testing.assert_allclose(score(model, torch.nn.functional.normalize(image_emb, dim=-1), text_emb), expected,
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(forward, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_column_labels_name_shared_and_class_specific_templates():

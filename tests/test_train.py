@@ -20,7 +20,9 @@ from transformers import (CLIPConfig, CLIPModel, CLIPTokenizer, SiglipConfig, Si
 from har_ref.data.prompts import PromptBank  # noqa: E402
 from har_ref.demo.synthetic import CLASS_NAMES, generate  # noqa: E402
 from har_ref.demo.tokenizer_training import train_clip_bpe, train_sentencepiece  # noqa: E402
-from har_ref.train.loop import Trainer, train  # noqa: E402
+from har_ref.train.loop import cached_step, contrastive_loss, train  # noqa: E402
+from har_ref.train.setup import setup  # noqa: E402
+from har_ref.train.state import MicroBatch  # noqa: E402
 from har_ref.train.config import TrainConfig  # noqa: E402
 from weights_conversion.hf import convert_hf  # noqa: E402
 
@@ -98,20 +100,20 @@ def test_train_writes_a_complete_run(model, clip_weights, siglip_weights, data_d
 def test_resume_continues_where_it_stopped(clip_weights, data_dir, tmp_path, monkeypatch):
     """A run killed right after its first checkpoint, resumed, logs what an uninterrupted run logs
     (7 micro-batches per epoch and 2 per step: the checkpoint holds half a step's gradients)."""
-    import har_ref.train.loop as train_module
+    import har_ref.train.checkpoint as checkpoint
 
     full, part = tmp_path / "full", tmp_path / "part"
     train(tiny_cfg("clip"), clip_weights, data_dir, full)
-    save = train_module.save_training_state
+    save = checkpoint.save
 
-    def save_then_crash(trainer):
-        save(trainer)
+    def save_then_crash(*args):
+        save(*args)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "save_training_state", save_then_crash)
+    monkeypatch.setattr(checkpoint, "save", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_cfg("clip"), clip_weights, data_dir, part)
-    monkeypatch.setattr(train_module, "save_training_state", save)
+    monkeypatch.setattr(checkpoint, "save", save)
     train(tiny_cfg("clip"), clip_weights, data_dir, part, resume=True)
     log_full = [json.loads(x) for x in (full / "log.jsonl").read_text().splitlines()]
     log_part = [json.loads(x) for x in (part / "log.jsonl").read_text().splitlines()]
@@ -125,17 +127,19 @@ def test_resume_continues_where_it_stopped(clip_weights, data_dir, tmp_path, mon
 def test_cached_accumulation_equals_one_big_batch(model, clip_weights, siglip_weights, data_dir, tmp_path):
     """GradCache: 3 micro-batches of 8 give the gradients of one contrastive batch of 24."""
     weights = clip_weights if model == "clip" else siglip_weights
-    trainer = Trainer(tiny_cfg(model, accum_mode="cached", accum_steps=3, xbm_size=0), weights, data_dir, tmp_path)
-    trainer.model.double()  # float64 so the comparison is about the algorithm, not rounding
+    run, state = setup(tiny_cfg(model, accum_mode="cached", accum_steps=3, xbm_size=0), weights, data_dir, tmp_path,
+                       resume=False, overwrite=False)
+    run.model.double()  # float64 so the comparison is about the algorithm, not rounding
     batches = []
-    for pixels, labels, indices in list(trainer.loader)[:3]:
-        batches.append((pixels.double(), trainer.prompts.sample(labels, indices, 0, len(trainer.dataset)), labels))
-    trainer.cached_step(batches)
-    cached = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
-    trainer.model.zero_grad()
-    image, text = trainer.embed(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
-    trainer.loss(image, text, torch.cat([b[2] for b in batches])).backward()
-    for name, p in trainer.model.named_parameters():
+    for pixels, labels, indices in list(run.loader)[:3]:
+        ids = run.prompts.sample(labels, indices, 0, len(run.dataset))
+        batches.append(MicroBatch(pixels.double(), ids, labels, 0, indices))
+    cached_step(run, state, batches)
+    cached = {n: p.grad.clone() for n, p in run.model.named_parameters()}
+    run.model.zero_grad()
+    image, text = run.embed(torch.cat([b.pixels for b in batches]), torch.cat([b.ids for b in batches]))
+    contrastive_loss(run, state, image, text, torch.cat([b.labels for b in batches])).backward()
+    for name, p in run.model.named_parameters():
         torch.testing.assert_close(cached[name], p.grad, rtol=1e-9, atol=1e-12, msg=name)
     assert cached["logit_scale"].abs() > 0
 

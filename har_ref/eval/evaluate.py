@@ -16,11 +16,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-
 from ..data.folders import ImageFolderDataset, build_splits, make_eval_loader, write_skipped
 from ..data.prompts import PromptBank
+from .embed import class_embeddings, image_scores
 from .metrics import compute_metrics, expected_calibration_error, reliability_diagram_data, softmax
 from ..model.dual_encoder import DualEncoder, load_model
 from .plots import plot_confusion
@@ -28,44 +26,6 @@ from ..model.tokenizer import load_tokenizer
 from ..model.transforms import build_transform
 
 MODEL_NAMES = {"clip": "CLIP", "siglip": "SigLIP"}
-
-
-@torch.no_grad()
-def class_embeddings(model: DualEncoder, tokenizer, bank: PromptBank, class_names: list[str],
-                     batch_size: int = 256) -> torch.Tensor:
-    """[K, D] unit vectors: the normalized mean of each class's normalized template embeddings.
-
-    The attention mask is not passed: SigLIP was trained attending to its padding (and CLIP's
-    causal tower never sees tokens after the end token), so this is how upstream encodes text.
-    """
-    texts, class_ids = bank.all_prompts()
-    device = model.logit_scale.device
-    embs = []
-    for start in range(0, len(texts), batch_size):
-        ids, _ = tokenizer(texts[start:start + batch_size])
-        embs.append(F.normalize(model.encode_text(ids.to(device)).float(), dim=-1))
-    embs = torch.cat(embs)
-    class_ids = torch.as_tensor(class_ids, device=device)
-    means = torch.zeros(len(class_names), embs.shape[1], device=device).index_add_(0, class_ids, embs)
-    return F.normalize(means, dim=-1)
-
-
-@torch.no_grad()
-def image_scores(model: DualEncoder, loader, class_emb: torch.Tensor,
-                 autocast: torch.autocast | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(logits [N, K], true labels [N], dataset indices [N]) over a loader of (pixels, label, index)."""
-    device = class_emb.device
-    scale = model.logit_scale.exp().float()
-    bias = model.logit_bias.float() if model.logit_bias is not None else 0.0
-    all_logits, all_labels, all_indices = [], [], []
-    for pixels, labels, indices in loader:
-        with autocast or torch.autocast(device.type, enabled=False):
-            img = model.encode_image(pixels.to(device, non_blocking=True))
-        logits = scale * F.normalize(img.float(), dim=-1) @ class_emb.T + bias
-        all_logits.append(logits.cpu())
-        all_labels.append(labels)
-        all_indices.append(indices)
-    return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy(), torch.cat(all_indices).numpy()
 
 
 def write_predictions(path: Path, items, indices, logits, class_names) -> None:

@@ -32,7 +32,8 @@ from .compare_viz import compare_panel
 from ..model.config import ModelConfig
 from ..data.folders import IMAGE_EXTENSIONS
 from ..data.prompts import DEFAULT_PROMPTS, PromptBank
-from .evaluate import MODEL_NAMES, class_embeddings
+from .embed import class_embeddings
+from .evaluate import MODEL_NAMES
 from ..model.dual_encoder import load_model
 from ..data.classes import CLASS_NAMES
 from ..model.tokenizer import load_tokenizer
@@ -146,11 +147,10 @@ class Predictor:
 
     @torch.no_grad()
     def logits(self, images: list) -> torch.Tensor:
-        """[B, K] logits, as evaluate.image_scores computes them."""
+        """[B, K] logits of decoded images against the classes (the same path as evaluate, embed.py)."""
         pixels = torch.stack([self.transform(image) for image in images]).to(self.device)
         image_emb = F.normalize(self.model.encode_image(pixels).float(), dim=-1)
-        bias = self.model.logit_bias.float() if self.model.logit_bias is not None else 0.0
-        return (self.model.logit_scale.exp().float() * image_emb @ self.class_emb.T + bias).cpu()
+        return self.model.score(image_emb, self.class_emb).cpu()
 
     def unload(self) -> None:
         del self.model, self.class_emb  # one checkpoint in memory at a time

@@ -2,7 +2,7 @@
 
 Scoring scheme, i.e. how a score is attributed to one (class c, template t) pair:
 start from the evaluation ensemble (every class = the normalized mean of its normalized prompt
-embeddings, evaluate.class_embeddings); replace class c's embedding by template t's embedding alone,
+embeddings, embed.class_embeddings); replace class c's embedding by template t's embedding alone,
 keep every other class at its ensemble, classify the validation slice, and score the F1 of class c.
 Recall rewards t for pulling c's images in; precision penalizes t for also pulling in other classes'
 images (a recall-only score would crown a template that matches every image). Ties go to the lower
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from ..data.folders import ImageFolderDataset, build_splits, make_eval_loader
 from ..data.prompts import DEFAULT_PROMPTS, PromptBank
-from .evaluate import MODEL_NAMES, class_embeddings, evaluate_model
+from .embed import class_embeddings, embed_images, embed_texts
+from .evaluate import MODEL_NAMES, evaluate_model
 from .metrics import compute_metrics, mcnemar_exact, paired_bootstrap
 from ..model.dual_encoder import DualEncoder, load_model
 from .plots import display_name, plot_prompt_heatmap
@@ -58,34 +59,13 @@ def candidate_templates(spec: dict, class_name: str) -> list[str]:
 # ---------------------------------------------------------------------------- embeddings
 
 
-@torch.no_grad()
-def image_embeddings(model: DualEncoder, loader) -> tuple[torch.Tensor, np.ndarray]:
-    """L2-normalized image embeddings [N, D] and labels [N], once for the whole slice."""
-    device = model.logit_scale.device
-    embs, labels = [], []
-    for pixels, label, _ in loader:
-        embs.append(F.normalize(model.encode_image(pixels.to(device)).float(), dim=-1))
-        labels.append(label)
-    return torch.cat(embs), torch.cat(labels).numpy()
-
-
-@torch.no_grad()
-def prompt_embeddings(model: DualEncoder, tokenizer, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-    """L2-normalized embedding [T, D] of every prompt on its own (no mask, as class_embeddings)."""
-    device = model.logit_scale.device
-    embs = [F.normalize(model.encode_text(tokenizer(texts[i:i + batch_size])[0].to(device)).float(), dim=-1)
-            for i in range(0, len(texts), batch_size)]
-    return torch.cat(embs)
-
-
-@torch.no_grad()
-def model_logits(model: DualEncoder, image_emb: torch.Tensor, text_emb: torch.Tensor) -> np.ndarray:
-    """exp(t) * cos (+ b for SigLIP) on normalized embeddings, as evaluate.image_scores computes them."""
-    logits = model.logit_scale.exp().float() * image_emb @ text_emb.T
-    return (logits + model.logit_bias.float() if model.logit_bias is not None else logits).cpu().numpy()
-
-
 # ---------------------------------------------------------------------------- scoring
+
+
+@torch.no_grad()
+def score(model: DualEncoder, image_emb: torch.Tensor, text_emb: torch.Tensor) -> np.ndarray:
+    """The model's logits of unit embeddings as a numpy array (DualEncoder.score)."""
+    return model.score(image_emb, text_emb).cpu().numpy()
 
 
 def template_scores(base_logits: np.ndarray, prompt_logits: np.ndarray, prompt_class: np.ndarray,
@@ -255,10 +235,10 @@ def ablate_prompts(weights_dir: str | Path, data_dir: str | Path, out_dir: str |
 
     dataset = ImageFolderDataset(validation_slice(train_items, class_names, val_fraction, seed),
                                  build_transform(model.cfg, train=False))
-    image_emb, y_true = image_embeddings(model, make_eval_loader(dataset, batch_size, workers))
-    base = model_logits(model, image_emb, class_embeddings(model, tokenizer, bank, class_names))
-    prompt_emb = prompt_embeddings(model, tokenizer, texts)
-    f1, cross_entropy = template_scores(base, model_logits(model, image_emb, prompt_emb), prompt_class, y_true,
+    image_emb, y_true, _ = embed_images(model, make_eval_loader(dataset, batch_size, workers))
+    base = score(model, image_emb, class_embeddings(model, tokenizer, bank, class_names))
+    prompt_emb = embed_texts(model, tokenizer, texts)
+    f1, cross_entropy = template_scores(base, score(model, image_emb, prompt_emb), prompt_class, y_true,
                                         class_names)
     chosen = best_prompts(f1, cross_entropy, prompt_class, len(class_names), top_k)
     # The chosen prompts as evaluate will use them: each class = the normalized mean of its chosen prompts.
@@ -272,7 +252,7 @@ def ablate_prompts(weights_dir: str | Path, data_dir: str | Path, out_dir: str |
                                                          if c in class_names},  # a bank for this label set
                                      "replace_templates": best}, indent=2) + "\n")
     ensemble = compute_metrics(y_true, base.argmax(1), class_names)
-    chosen_metrics = compute_metrics(y_true, model_logits(model, image_emb, chosen_emb).argmax(1), class_names)
+    chosen_metrics = compute_metrics(y_true, score(model, image_emb, chosen_emb).argmax(1), class_names)
     result = {
         "weights": str(weights_dir), "data": str(data_dir), "prompts": str(prompts_path),
         "val_fraction": val_fraction, "seed": seed, "top_k": top_k,

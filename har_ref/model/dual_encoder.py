@@ -41,11 +41,16 @@ class DualEncoder(nn.Module):
         """[B, L] token ids -> [B, D] projected, not normalized."""
         return self.text(input_ids, attention_mask)
 
-    def logits(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        """logits_per_image [N_images, N_texts] from unnormalized embeddings."""
-        cos = F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T
-        logits = self.logit_scale.exp() * cos
+    def score(self, image_unit: torch.Tensor, text_unit: torch.Tensor) -> torch.Tensor:
+        """The one score of an image-text pair, [N_images, N_texts] from unit vectors:
+        CLIP exp(t) * cos (Radford et al. 2021, Fig. 3); SigLIP exp(t) * cos + b (Zhai et al. 2023, Alg. 1).
+        The losses compute the same logits block by block (train/losses.py)."""
+        logits = self.logit_scale.exp() * (image_unit @ text_unit.T)
         return logits + self.logit_bias if self.logit_bias is not None else logits
+
+    def logits(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """logits_per_image [N_images, N_texts] from projected (unnormalized) embeddings."""
+        return self.score(F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1))
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:

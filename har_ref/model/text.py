@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from .config import TextConfig
-from .layers import Transformer
+from .layers import Transformer, transformer_at_rows
 
 
 class TextTransformer(nn.Module):
@@ -52,9 +52,9 @@ class TextTransformer(nn.Module):
         else:
             pool = torch.full((input_ids.shape[0],), L - 1, device=input_ids.device)  # SigLIP: the last position
         x = self.token_embed(input_ids) + self.pos_embed[:L]
-        # Only the pooled position is read: the last block computes just that row (layers.py).
-        pooled = self.transformer(x, attn_mask=self.attention_bias(attention_mask, L, x.dtype),
-                                  is_causal=self.cfg.causal and attention_mask is None, pool=pool)
+        # self.transformer(x, ...)[b, pool[b]], computing only the pooled rows in the last block (layers.py).
+        pooled = transformer_at_rows(self.transformer, x, pool, self.attention_bias(attention_mask, L, x.dtype),
+                                     is_causal=self.cfg.causal and attention_mask is None)
         return self.proj(self.ln_final(pooled))
 
     def attention_bias(self, attention_mask: torch.Tensor | None, L: int, dtype: torch.dtype):

@@ -5,7 +5,7 @@ A checkpoint is RUN/checkpoint/: model.safetensors (+ config.json) and trainer_s
 tensors and plain Python values read back with torch.load(weights_only=True), so resuming never
 unpickles code. It holds everything the rest of the run depends on: optimizer, scheduler, GradScaler,
 XBM contents, RNG states, the gradients of an optimizer step still accumulating (independent
-mode) or the (epoch, index) keys of its micro-batches (cached mode: the images are re-read), the
+mode) or the (epoch, index) keys of every rank's micro-batches (cached mode: the images are re-read), the
 position inside the epoch, and the epoch's running loss statistics. With it, a resumed run ends
 with the same weights, bit for bit on the CPU, as one that never stopped (tests/test_faults.py).
 
@@ -22,13 +22,16 @@ import pickle
 import random
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from ..model.dual_encoder import load_state, read_safetensors, save_model
+from .. import distributed as dist
+from ..model.dual_encoder import DualEncoder, load_state, read_safetensors, save_model
 from .config import TrainConfig
+from .state import MicroBatch, TrainState
 
-# Files a run writes into its directory (train.py, evaluate.py); --overwrite removes exactly these.
+# Files a run writes into its directory (loop.py, eval/evaluate.py); --overwrite removes exactly these.
 RUN_FILES = ("train_config.json", "log.jsonl", "classes.json", "prompts.json", "skipped.txt", "metrics.json",
              "predictions.csv", "confusion.png", "config.json", "model.safetensors", "checkpoint",
              "checkpoint.tmp", "checkpoint.old")
@@ -45,28 +48,32 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_training_state(trainer) -> Path:
-    run = trainer.out
+def save(model: DualEncoder, state: TrainState, run: Path, pending: list | None = None,
+         grads: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write RUN/checkpoint/ (the weights and `state`) so that a kill at any moment leaves one complete.
+    `pending`: per rank, the (epoch, indices) keys of its micro-batches in `state.pending` (this
+    process's own if None); under torchrun only rank 0 writes, so it is handed every rank's, and `grads`,
+    the ranks' summed partial gradients (this process's own if None)."""
     tmp, final, old = run / "checkpoint.tmp", run / "checkpoint", run / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(trainer.model, tmp)
-    state = {
-        "optimizer": trainer.optimizer.state_dict(),
-        "scheduler": trainer.scheduler.state_dict(),
-        "scaler": trainer.scaler.state_dict(),
-        "xbm": trainer.xbm.state_dict() if trainer.xbm is not None else None,
+    save_model(model, tmp)
+    saved = {
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "xbm": state.xbm.state_dict() if state.xbm is not None else None,
         "rng_torch": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "rng_python": list(random.getstate()[1]),
         # gradients accumulated towards the next optimizer step (None right after a step)
-        "grads": {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None},
-        "pending": [(epoch, indices.tolist()) for *_, epoch, indices in trainer.pending],
-        "nonfinite": trainer.nonfinite.state_dict(),
-        "epoch": trainer.epoch, "step": trainer.step, "micro_step": trainer.micro_step,
-        "batch_in_epoch": trainer.batch_in_epoch, "epoch_losses": list(trainer.epoch_losses),
-        "skipped_steps": trainer.skipped_steps,
+        "grads": grads if grads is not None else {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+        "pending": pending if pending is not None else [[(b.epoch, b.indices.tolist()) for b in state.pending]],
+        "nonfinite": state.nonfinite.state_dict(),
+        "epoch": state.epoch, "step": state.step, "micro_step": state.micro_step,
+        "batch_in_epoch": state.batch_in_epoch, "epoch_losses": list(state.epoch_losses),
+        "skipped_steps": state.skipped_steps,
     }
-    torch.save(state, tmp / "trainer_state.pt")
+    torch.save(saved, tmp / "trainer_state.pt")
     for file in tmp.iterdir():
         _fsync(file)
     _fsync(tmp)
@@ -86,12 +93,15 @@ def find_checkpoint(run: Path) -> Path:
     raise FileNotFoundError(f"--resume: no checkpoint in {run}; start without --resume or pass the run's --out.")
 
 
-def load_training_state(trainer) -> None:
-    ckpt = find_checkpoint(trainer.out)
-    load_state(trainer.model, read_safetensors(ckpt / "model.safetensors"), str(ckpt / "model.safetensors"))
+def load(run: Path, model: DualEncoder, state: TrainState,
+         reread: Callable[[int, list[int]], MicroBatch]) -> TrainState:
+    """Restore the weights and `state` (built fresh for this run) from RUN's last checkpoint.
+    `reread(epoch, indices)` rebuilds a pending cached-mode micro-batch from its keys."""
+    ckpt = find_checkpoint(run)
+    load_state(model, read_safetensors(ckpt / "model.safetensors"), str(ckpt / "model.safetensors"))
     try:
-        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
-        trainer.optimizer.load_state_dict(state["optimizer"])
+        saved = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+        state.optimizer.load_state_dict(saved["optimizer"])
     except pickle.UnpicklingError as e:  # weights_only=True met a class: code is never unpickled
         raise ValueError(f"{ckpt / 'trainer_state.pt'} cannot be read: it holds objects other than tensors and "
                          "plain values, which har_ref never unpickles; start the run again without --resume.") from e
@@ -99,25 +109,30 @@ def load_training_state(trainer) -> None:
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         raise ValueError(f"{ckpt / 'trainer_state.pt'} cannot be read ({reason}); it is damaged or from another "
                          "version of har_ref: start the run again without --resume.") from e
-    trainer.scheduler.load_state_dict(state["scheduler"])
-    trainer.scaler.load_state_dict(state["scaler"])
-    if trainer.xbm is not None and state["xbm"] is not None:
-        trainer.xbm.load_state_dict(state["xbm"])
-    torch.set_rng_state(state["rng_torch"])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    random.setstate((3, tuple(state["rng_python"]), None))
-    params = dict(trainer.model.named_parameters())
-    for name, grad in state["grads"].items():
-        params[name].grad = grad.to(params[name].device)
-    trainer.pending = [trainer.reread_micro_batch(epoch, indices) for epoch, indices in state["pending"]]
-    trainer.nonfinite.load_state_dict(state["nonfinite"])
-    trainer.epoch, trainer.step, trainer.micro_step = state["epoch"], state["step"], state["micro_step"]
-    trainer.batch_in_epoch, trainer.epoch_losses = state["batch_in_epoch"], list(state["epoch_losses"])
-    trainer.skipped_steps = state["skipped_steps"]
-    truncate_log(trainer.out / "log.jsonl", trainer.epoch)
-    print(f"[train] resumed from {ckpt} at epoch {trainer.epoch + 1}, micro-batch {trainer.batch_in_epoch}, "
-          f"optimizer step {trainer.step}")
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.scaler.load_state_dict(saved["scaler"])
+    if state.xbm is not None and saved["xbm"] is not None:
+        state.xbm.load_state_dict(saved["xbm"])
+    torch.set_rng_state(saved["rng_torch"])
+    if saved["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["rng_cuda"])
+    random.setstate((3, tuple(saved["rng_python"]), None))
+    params = dict(model.named_parameters())
+    if dist.rank() == 0:  # under torchrun the saved gradients are every rank's sum (loop.save_checkpoint)
+        for name, grad in saved["grads"].items():
+            params[name].grad = grad.to(params[name].device)
+    if len(saved["pending"]) != dist.world_size():
+        raise ValueError(f"{ckpt} was written by a run of {len(saved['pending'])} process(es); resume it with "
+                         f"as many (torchrun --nproc_per_node), not {dist.world_size()}.")
+    state.pending = [reread(epoch, indices) for epoch, indices in saved["pending"][dist.rank()]]
+    state.nonfinite.load_state_dict(saved["nonfinite"])
+    state.epoch, state.step, state.micro_step = saved["epoch"], saved["step"], saved["micro_step"]
+    state.batch_in_epoch, state.epoch_losses = saved["batch_in_epoch"], list(saved["epoch_losses"])
+    state.skipped_steps = saved["skipped_steps"]
+    truncate_log(run / "log.jsonl", state.epoch)
+    print(f"[train] resumed from {ckpt} at epoch {state.epoch + 1}, micro-batch {state.batch_in_epoch}, "
+          f"optimizer step {state.step}")
+    return state
 
 
 def truncate_log(log: Path, epochs_done: int) -> None:

@@ -1,26 +1,31 @@
-"""End-to-end contrastive fine-tuning of a DualEncoder on HAR folders (study sec. 3).
+"""End-to-end contrastive fine-tuning of a DualEncoder on HAR folders (study sec. 3), top-down.
 
-One step: sample a prompt per image from the template bank, embed both, score every image
-against every prompt of the batch (+ other ranks' rows under DDP, + the cross-batch
-memory), and descend on CLIP's InfoNCE or SigLIP's sigmoid loss. Same-class pairs are
-positives (losses.py). Gradient accumulation has two modes:
+    train(cfg, weights, data, out)
+      setup (setup.py)           the model, data, prompts, optimizer: a Run and a fresh or resumed TrainState
+      for each epoch:
+        train_epoch
+          for each micro-batch:  draw prompts, then one of the two accumulation modes:
+            independent_micro_step   each micro-batch is its own contrastive problem; grads summed
+            cached_step              the whole effective batch is one problem (GradCache)
+            optimizer_step           clip, step, clamp t, schedule (every accum_steps micro-batches)
+            after_micro_batch        stop cleanly if asked, checkpoint if due
+      finish                     the last partial step, the weights, the test-split evaluation
 
-- independent: each micro-batch is its own contrastive problem (its batch + XBM);
-  gradients are summed over `accum_steps` micro-batches before the optimizer step.
-- cached (GradCache, Gao et al. 2021; open_clip --accum-freq): the whole effective batch
-  is one contrastive problem. Embed every micro-batch without grad, take the loss
-  gradient w.r.t. the embeddings, then re-run each micro-batch with grad and backpropagate
-  those embedding gradients. Exact large-batch gradients at one micro-batch's activation memory.
+One step: embed both towers, score every image against every prompt of the batch (+ other ranks'
+rows under DDP, + the cross-batch memory), and descend on CLIP's InfoNCE or SigLIP's sigmoid loss,
+same-class pairs being positives (losses.py). Cached accumulation (Gao et al. 2021; open_clip
+--accum-freq) embeds every micro-batch without grad, takes the loss gradient w.r.t. the embeddings,
+then re-runs each micro-batch with grad and backpropagates those: exact large-batch gradients at one
+micro-batch's activation memory.
 
-A run is checkpointed at epoch ends, by time and by micro-batch count (checkpoint.py), stops
-cleanly on Ctrl-C / SIGTERM, and skips non-finite steps (faults.py); everything a micro-batch
-depends on is a function of (seed, epoch, index), so a resumed run continues bit for bit.
+Everything a micro-batch depends on is a function of (seed, epoch, index), so a run resumed from a
+checkpoint (checkpoint.py) continues bit for bit; faults.py has the clean stop and the non-finite guard.
+state.py says what a Run and a TrainState hold.
 """
 from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 import sys
 import time
@@ -29,329 +34,256 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
 
 from .. import distributed as dist
-from .checkpoint import load_training_state, prepare_run_directory, save_training_state
-from ..data.folders import ImageFolderDataset, build_splits, make_train_loader, non_image_files, write_skipped
-from ..data.prompts import DEFAULT_PROMPTS, PromptBank, PromptSampler
-from .faults import NonFiniteLosses, StopRequest, TrainingStopped
 from ..eval.evaluate import evaluate_model
-from ..data.image_cache import CachedImageDataset
-from .losses import balanced_pos_weight, clamp_logit_scale_, clip_loss, siglip_loss
-from ..model.dual_encoder import DualEncoder, load_model, save_model
-from .optim import autocast, build_optimizer, grad_scaler, resolve_precision, warmup_cosine
-from ..model.tokenizer import load_tokenizer
+from ..model.dual_encoder import save_model
+from . import checkpoint
 from .config import TrainConfig
-from ..model.transforms import build_transform
-from .xbm import CrossBatchMemory
+from .faults import TrainingStopped
+from .losses import clamp_logit_scale_
+from .optim import autocast
+from .setup import setup
+from .state import MicroBatch, Run, TrainState
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "spiece.model", "tokenizer_config.json",
                    "special_tokens_map.json")
 
 
-class EmbedBoth(nn.Module):
-    """The unit DDP wraps (DDP hooks forward() only): both towers plus the loss parameters."""
-
-    def __init__(self, model: DualEncoder):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor):
-        # No attention mask: SigLIP was trained attending to its padding, and CLIP's causal
-        # tower pools before any padding (see evaluate.class_embeddings).
-        return self.model.encode_image(pixels), self.model.encode_text(input_ids)
-
-
-class Trainer:
-    def __init__(self, cfg: TrainConfig, weights: str | Path, data: str | Path, out: str | Path,
-                 resume: bool = False, overwrite: bool = False):
-        cfg.validate()
-        self.cfg, self.weights, self.data, self.out = cfg, Path(weights), Path(data), Path(out)
-        self.resume = resume
-        self.device = dist.setup_distributed()
-        self.main = dist.is_main_process()
-        if self.main:  # before anything slow: a mistaken --out is refused at once
-            prepare_run_directory(self.out, self.weights, cfg, resume, overwrite)
-        dist.barrier()
-        torch.manual_seed(cfg.seed + dist.rank())
-        random.seed(cfg.seed)
-        self.model = load_model(self.weights, device=self.device).train()
-        if self.model.cfg.family != cfg.model:
-            raise ValueError(f"--model {cfg.model} but {self.weights}/config.json is a {self.model.cfg.family} "
-                             f"checkpoint; pass --model {self.model.cfg.family} or the other weights.")
-        self.model.set_grad_checkpointing(cfg.grad_checkpointing)
-        self.tokenizer = load_tokenizer(self.weights)
-        train_items, _, self.class_names = build_splits(self.data)
-        self.dataset = self.build_dataset(train_items)
-        self.loader = make_train_loader(self.dataset, cfg.micro_batch, cfg.workers, cfg.seed)
-        self.prompts = PromptSampler(PromptBank.from_file(cfg.prompts, self.class_names), self.class_names,
-                                     self.tokenizer, self.device, cfg.seed)
-        self.precision = resolve_precision(cfg.precision, self.device)
-        self.embed = EmbedBoth(self.model)
-        if dist.is_distributed():
-            if cfg.accum_mode == "cached":
-                raise ValueError("--accum-mode cached is single-process only; under torchrun use independent "
-                                 "(every rank's batch is already gathered into one contrastive problem).")
-            self.embed = DistributedDataParallel(self.embed)
-        if cfg.compile:  # compiles EmbedBoth.forward, i.e. both towers (compiling the model would only cover logits)
-            self.embed = torch.compile(self.embed)
-        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay)
-        self.steps_per_epoch = len(self.loader) / cfg.accum_steps
-        self.total_steps = max(1, int(self.steps_per_epoch * cfg.epochs))
-        self.scheduler = warmup_cosine(self.optimizer, cfg.warmup_steps, self.total_steps)
-        self.scaler = grad_scaler(self.precision, self.device)
-        self.xbm = (CrossBatchMemory(cfg.xbm_size, self.model.cfg.embed_dim, cfg.xbm_warmup_steps, self.device)
-                    if cfg.xbm_size else None)
-        self.step = self.micro_step = self.epoch = 0
-        self.batch_in_epoch = 0  # micro-batches of the current epoch done (a resume starts after them)
-        self.epoch_losses: list[float] = []  # finite losses of the current epoch, for its log line
-        self.skipped_steps = 0  # optimizer steps skipped for non-finite gradients, this epoch
-        self.nonfinite = NonFiniteLosses(cfg.max_nonfinite)
-        self.stop = StopRequest()
-        self.last_save = time.monotonic()
-        # cached mode: micro-batches (pixels, ids, labels, epoch, indices) of the step in progress
-        self.pending: list[tuple] = []
-
-    def build_dataset(self, items):
-        """Decoded from the image files every epoch, or read from the preprocessed uint8 cache."""
-        if self.cfg.cache_dir is None:
-            transform = build_transform(self.model.cfg, train=True, augment=self.cfg.augment)
-            return ImageFolderDataset(items, transform, seed=self.cfg.seed)
-        if not self.main:  # rank 0 builds the cache, the others read the finished one
-            dist.barrier()
-        dataset = CachedImageDataset(items, self.model.cfg, self.cfg.cache_dir, augment=self.cfg.augment,
-                                     seed=self.cfg.seed)
-        if self.main:
-            dist.barrier()
-        return dataset
-
-    # ---------------------------------------------------------------- loss
-    def loss(self, image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The contrastive loss of local anchors against every candidate (local, other ranks, memory)."""
-        image, text = image.float(), text.float()  # losses in fp32: sums of up to 32k exponentials
-        extra = [(dist.gather_from_other_ranks(image), dist.gather_from_other_ranks(text),
-                  dist.gather_from_other_ranks(labels))] if dist.is_distributed() else []
-        memory = self.xbm.get() if self.xbm is not None else None
-        if memory is not None:
-            extra.append(tuple(memory))
-        mem_img, mem_txt, mem_lab = (torch.cat(parts) for parts in zip(*extra)) if extra else (None, None, None)
-        if self.cfg.model == "clip":
-            return clip_loss(image, text, self.model.logit_scale, labels, mem_img, mem_txt, mem_lab)
-        pos_weight = None
-        if self.cfg.pos_weight == "balanced":
-            pos_weight = balanced_pos_weight(labels, mem_lab)
-        elif self.cfg.pos_weight != "none":
-            pos_weight = float(self.cfg.pos_weight)
-        return siglip_loss(image, text, self.model.logit_scale, self.model.logit_bias, labels, pos_weight,
-                           mem_img, mem_txt, mem_lab)
-
-    def remember(self, image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> None:
-        """Enqueue after backward (xbm.py); under DDP the memory holds every rank's rows."""
-        if self.xbm is not None:
-            gather = dist.gather_with_grad if dist.is_distributed() else (lambda x: x)
-            with torch.no_grad():
-                image, text, labels = gather(image.detach()), gather(text.detach()), gather(labels)
-                if torch.isfinite(image).all() and torch.isfinite(text).all():  # never store a NaN
-                    self.xbm.enqueue(image, text, labels)
-
-    # ---------------------------------------------------------------- accumulation modes
-    def independent_micro_step(self, pixels, ids, labels, last_of_step: bool) -> float:
-        sync = nullcontext() if last_of_step or not dist.is_distributed() else self.embed.no_sync()
-        with sync:
-            with autocast(self.precision, self.device):
-                image, text = self.embed(pixels, ids)
-            loss = self.loss(image, text, labels)
-            self.scaler.scale(loss / self.cfg.accum_steps).backward()
-        self.remember(image, text, labels)
-        return loss.item()
-
-    def cached_step(self, batches: list[tuple]) -> float:
-        with torch.no_grad(), autocast(self.precision, self.device):
-            embs = [self.embed(pixels, ids) for pixels, ids, *_ in batches]
-        image = torch.cat([e[0] for e in embs]).float().requires_grad_()
-        text = torch.cat([e[1] for e in embs]).float().requires_grad_()
-        labels = torch.cat([b[2] for b in batches])
-        loss = self.loss(image, text, labels)
-        self.scaler.scale(loss).backward()  # d loss / d embeddings, and the logit scale/bias grads
-        start = 0
-        for pixels, ids, *_ in batches:  # re-run with grad; chain rule through the cached gradients
-            end = start + pixels.shape[0]
-            with autocast(self.precision, self.device):
-                img, txt = self.embed(pixels, ids)
-            ((img.float() * image.grad[start:end]).sum() + (txt.float() * text.grad[start:end]).sum()).backward()
-            start = end
-        self.remember(image, text, labels)
-        return loss.item()
-
-    def reread_micro_batch(self, epoch: int, indices: list[int]) -> tuple:
-        """A cached-mode micro-batch rebuilt from its (epoch, index) keys (resume): the same pixels,
-        labels and prompts as the loader gave, because all three depend on those keys only."""
-        items = [self.dataset[(epoch, i)] for i in indices]
-        pixels = torch.stack([x for x, _, _ in items]).to(self.device)
-        labels = torch.tensor([y for _, y, _ in items]).to(self.device)
-        indices = torch.tensor(indices)
-        return pixels, self.prompts.sample(labels, indices, epoch, len(self.dataset)), labels, epoch, indices
-
-    def optimizer_step(self) -> None:
-        """Clip, step, clamp, schedule. A step whose gradients are not finite is skipped (by the
-        GradScaler in fp16, which then lowers its scale; here otherwise) and counted."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.scaler.is_enabled():
-            self.scaler.unscale_(self.optimizer)
-            if self.cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)  # skipped if unscale_ found inf/NaN
-            self.scaler.update()
-            skipped = self.scaler.get_scale() < scale
-        else:  # the norm is computed anyway: max_norm=inf only measures it (and multiplies by 1)
-            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))
-            skipped = not torch.isfinite(norm).item()
-            if not skipped:
-                self.optimizer.step()
-        if skipped:
-            self.skipped_steps += 1
-            print(f"\n[train] optimizer step {self.step + 1}: non-finite gradients, step skipped", file=sys.stderr)
-        self.optimizer.zero_grad(set_to_none=True)
-        clamp_logit_scale_(self.model.logit_scale, self.model.cfg.family)  # CLIP: exp(t) <= 100; SigLIP: free
-        with warnings.catch_warnings():  # a skipped first step makes PyTorch warn; the schedule
-            warnings.simplefilter("ignore", UserWarning)  # follows steps taken or skipped alike
-            self.scheduler.step()
-        self.step += 1
-
-    # ---------------------------------------------------------------- epochs
-    def train_epoch(self) -> dict:
-        """The rest of the current epoch (all of it, unless resumed part-way); returns its log record."""
-        self.model.train()
-        self.loader.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * self.cfg.micro_batch)
-        start, images, first = time.perf_counter(), 0, self.batch_in_epoch
-        n_micro = first + len(self.loader)
-        for pixels, labels, indices in self.loader:
-            ids = self.prompts.sample(labels, indices, self.epoch, len(self.dataset))
-            pixels, labels = pixels.to(self.device, non_blocking=True), labels.to(self.device)
-            self.micro_step += 1
-            ends_step = self.micro_step % self.cfg.accum_steps == 0
-            loss = None
-            if self.cfg.accum_mode == "cached":
-                self.pending.append((pixels, ids, labels, self.epoch, indices))  # a step may span epochs
-                if ends_step:
-                    loss = self.cached_step(self.pending)
-                    self.pending = []
-            else:
-                loss = self.independent_micro_step(pixels, ids, labels, ends_step)
-            if ends_step:
-                self.optimizer_step()
-            self.batch_in_epoch += 1
-            images += pixels.shape[0] * dist.world_size()
-            if loss is not None:  # under DDP a non-finite loss on any rank counts on all (they stop together)
-                agreed = float("nan") if dist.any_rank(not math.isfinite(loss)) else loss
-                if self.nonfinite.observe(agreed, f"epoch {self.epoch + 1}, micro-batch {self.batch_in_epoch}, "
-                                                  f"step {self.step}"):
-                    self.epoch_losses.append(loss)
-            self.progress(self.batch_in_epoch - first, n_micro - first, n_micro, images, start)
-            self.after_micro_batch()
-        record = {"epoch": self.epoch + 1, "loss": sum(self.epoch_losses) / max(1, len(self.epoch_losses)),
-                  "epoch_time_s": time.perf_counter() - start, "images_per_s": images / (time.perf_counter() - start),
-                  "lr": self.scheduler.get_last_lr()[0], "logit_scale": self.model.logit_scale.item(),
-                  "logit_bias": None if self.model.logit_bias is None else self.model.logit_bias.item(),
-                  "step": self.step, "nonfinite_losses": self.nonfinite.total, "skipped_steps": self.skipped_steps,
-                  "skipped_images": len(getattr(self.dataset, "skipped", []))}
-        self.epoch += 1
-        self.batch_in_epoch, self.epoch_losses, self.skipped_steps, self.nonfinite.total = 0, [], 0, 0
-        return record
-
-    def after_micro_batch(self) -> None:
-        """Stop cleanly if asked (every rank agrees), else checkpoint if one is due."""
-        if dist.any_rank(self.stop.requested):
-            self.save()
-            raise TrainingStopped(f"stopped by {self.stop.signal_name or 'another rank'} after epoch "
-                                  f"{self.epoch + 1} micro-batch {self.batch_in_epoch}; the checkpoint is in "
-                                  f"{self.out}/checkpoint: continue with the same command and --resume.", exit_code=130)
-        by_count = self.cfg.checkpoint_every and self.micro_step % self.cfg.checkpoint_every == 0
-        by_time = self.cfg.checkpoint_minutes and time.monotonic() - self.last_save >= 60 * self.cfg.checkpoint_minutes
-        if by_count or by_time:
-            self.save()
-
-    def save(self) -> None:
-        if self.main:
-            save_training_state(self)
-        self.last_save = time.monotonic()
-
-    def progress(self, i: int, n: int, n_epoch: int, images: int, start: float) -> None:
-        """One updating line: i of this session's n micro-batches, out of the epoch's n_epoch."""
-        if not self.main or not self.epoch_losses:
-            return
-        elapsed = time.perf_counter() - start
-        eta = elapsed / i * (n - i + n_epoch * (self.cfg.epochs - self.epoch - 1))
-        end = "\n" if i == n else ""
-        print(f"\repoch {self.epoch + 1}/{self.cfg.epochs} batch {self.batch_in_epoch}/{n_epoch} step {self.step} "
-              f"loss {self.epoch_losses[-1]:.4f} {images / elapsed:.1f} img/s ETA {eta / 60:.1f} min",
-              end=end, flush=True)
-
-    def explain_batch(self) -> None:
-        n = len(self.dataset) * dist.world_size()
-        eff = self.cfg.effective_batch * dist.world_size()
-        print(f"[train] {self.cfg.model}: {n} training images, {len(self.class_names)} classes, "
-              f"micro-batch {self.cfg.micro_batch} x accum {self.cfg.accum_steps} x {dist.world_size()} rank(s) "
-              f"= effective batch {eff}; XBM {self.cfg.xbm_size}; precision {self.precision}; "
-              f"{self.total_steps} optimizer step(s) over {self.cfg.epochs} epoch(s)")
-        if eff > n:
-            print(f"[train] note: the effective batch ({eff}) exceeds the training set ({n} images): one "
-                  f"optimizer step spans {eff / n:.1f} epochs, so {self.cfg.epochs} epochs make only "
-                  f"{self.total_steps} step(s). Lower --accum-steps for more updates.")
-        skipped = getattr(self.dataset, "skipped", [])
-        for path, reason in skipped:
-            print(f"[train] skipped unreadable image {path}: {reason}")
-        ignored = non_image_files(self.data)
-        if skipped or ignored:
-            write_skipped(self.out, "train", skipped + ignored)
-            print(f"[train] {len(skipped)} unreadable image(s) skipped, {len(ignored)} non-image file(s) "
-                  f"ignored: listed in {self.out}/skipped.txt")
-
-    def save_label_space(self) -> None:
-        """classes.json and prompts.json make the run directory self-describing: `predict` and
-        `evaluate` on it use the classes and template bank it was trained with."""
-        (self.out / "classes.json").write_text(json.dumps(self.class_names, indent=2) + "\n")
-        source = Path(self.cfg.prompts) if self.cfg.prompts else DEFAULT_PROMPTS
-        if source.resolve() != (self.out / "prompts.json").resolve():
-            shutil.copy(source, self.out / "prompts.json")
-
-    def run(self) -> dict:
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.resume:
-            load_training_state(self)
-        elif self.main:  # a resumed run keeps the files its first start wrote
-            (self.out / "log.jsonl").write_text("")
-            self.cfg.save(self.out / "train_config.json")
-            self.save_label_space()
-        if self.main:
-            self.explain_batch()
-        with self.stop:
-            while self.epoch < self.cfg.epochs:
-                record = self.train_epoch()
-                if self.main:
-                    with open(self.out / "log.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                self.save()
-            if self.micro_step % self.cfg.accum_steps:  # the last, partial step is not thrown away
-                if self.pending:
-                    self.cached_step(self.pending)
-                self.optimizer_step()
-        metrics = {}
-        if self.main:
-            save_model(self.model, self.out)
-            for name in TOKENIZER_FILES:
-                if (self.weights / name).is_file() and self.weights.resolve() != self.out.resolve():
-                    shutil.copy(self.weights / name, self.out / name)
-            metrics = evaluate_model(self.model, self.tokenizer, self.data, self.out, self.cfg.prompts,
-                                     self.cfg.eval_batch, self.cfg.workers, autocast=autocast(self.precision, self.device))
-            print(f"[train] test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
-                  f"-> {self.out}/metrics.json", file=sys.stdout)
-        dist.cleanup()
-        return metrics
-
-
 def train(cfg: TrainConfig, weights, data, out, resume: bool = False, overwrite: bool = False) -> dict:
-    return Trainer(cfg, weights, data, out, resume=resume, overwrite=overwrite).run()
+    """Fine-tune the checkpoint WEIGHTS on DATA into the run directory OUT; returns the test metrics."""
+    run, state = setup(cfg, Path(weights), Path(data), Path(out), resume, overwrite)  # setup.py
+    with run.stop:
+        while state.epoch < cfg.epochs:
+            record = train_epoch(run, state)
+            if run.main:
+                with open(run.out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            save_checkpoint(run, state)
+        if state.micro_step % cfg.accum_steps:  # the last, partial step is not thrown away
+            if state.pending:
+                cached_step(run, state, state.pending)
+            optimizer_step(run, state)
+    return finish(run)
+
+
+# ---------------------------------------------------------------- one epoch
+
+def train_epoch(run: Run, state: TrainState) -> dict:
+    """The rest of the current epoch (all of it, unless resumed part-way); returns its log record."""
+    cfg = run.cfg
+    run.model.train()
+    run.loader.sampler.set_epoch(state.epoch, skip=state.batch_in_epoch * cfg.micro_batch)
+    start, images, first = time.perf_counter(), 0, state.batch_in_epoch
+    n_micro = first + len(run.loader)
+    for pixels, labels, indices in run.loader:
+        ids = run.prompts.sample(labels, indices, state.epoch, len(run.dataset))
+        batch = MicroBatch(pixels.to(run.device, non_blocking=True), ids, labels.to(run.device), state.epoch, indices)
+        state.micro_step += 1
+        ends_step = state.micro_step % cfg.accum_steps == 0
+        loss = None
+        if cfg.accum_mode == "cached":
+            state.pending.append(batch)  # a step may span epochs
+            if ends_step:
+                loss = cached_step(run, state, state.pending)
+                state.pending = []
+        else:
+            loss = independent_micro_step(run, state, batch, ends_step)
+        if ends_step:
+            optimizer_step(run, state)
+        state.batch_in_epoch += 1
+        images += pixels.shape[0] * dist.world_size()
+        if loss is not None:  # under DDP a non-finite loss on any rank counts on all (they stop together)
+            agreed = float("nan") if dist.any_rank(not math.isfinite(loss)) else loss
+            if state.nonfinite.observe(agreed, f"epoch {state.epoch + 1}, micro-batch {state.batch_in_epoch}, "
+                                               f"step {state.step}"):
+                state.epoch_losses.append(loss)
+        progress(run, state, state.batch_in_epoch - first, n_micro - first, n_micro, images, start)
+        after_micro_batch(run, state)
+    elapsed = time.perf_counter() - start
+    record = {"epoch": state.epoch + 1, "loss": sum(state.epoch_losses) / max(1, len(state.epoch_losses)),
+              "epoch_time_s": elapsed, "images_per_s": images / elapsed,
+              "lr": state.scheduler.get_last_lr()[0], "logit_scale": run.model.logit_scale.item(),
+              "logit_bias": None if run.model.logit_bias is None else run.model.logit_bias.item(),
+              "step": state.step, "nonfinite_losses": state.nonfinite.total, "skipped_steps": state.skipped_steps,
+              "skipped_images": len(getattr(run.dataset, "skipped", []))}
+    state.epoch += 1
+    state.batch_in_epoch, state.epoch_losses, state.skipped_steps, state.nonfinite.total = 0, [], 0, 0
+    return record
+
+
+# ---------------------------------------------------------------- the loss and the two accumulation modes
+
+def contrastive_loss(run: Run, state: TrainState, image: torch.Tensor, text: torch.Tensor,
+                     labels: torch.Tensor) -> torch.Tensor:
+    """The loss of local anchors against every candidate: local rows, other ranks' rows, the memory."""
+    image, text = at_least_fp32(image), at_least_fp32(text)  # sums of up to 32k exponentials
+    extra = [(dist.gather_from_other_ranks(image), dist.gather_from_other_ranks(text),
+              dist.gather_from_other_ranks(labels))] if dist.is_distributed() else []
+    memory = state.xbm.get() if state.xbm is not None else None
+    if memory is not None:
+        extra.append(tuple(memory))
+    candidates = tuple(torch.cat(parts) for parts in zip(*extra)) if extra else (None, None, None)
+    return run.loss(image, text, labels, candidates)
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 embeddings to fp32 for the loss; fp64 ones (the tests' exact comparisons) stay fp64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def remember(state: TrainState, image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> None:
+    """Enqueue after backward (xbm.py); under DDP the memory holds every rank's rows."""
+    if state.xbm is not None:
+        gather = dist.gather_with_grad if dist.is_distributed() else (lambda x: x)
+        with torch.no_grad():
+            image, text, labels = gather(image.detach()), gather(text.detach()), gather(labels)
+            if torch.isfinite(image).all() and torch.isfinite(text).all():  # never store a NaN
+                state.xbm.enqueue(image, text, labels)
+
+
+def independent_micro_step(run: Run, state: TrainState, batch: MicroBatch, last_of_step: bool) -> float:
+    """One micro-batch as its own contrastive problem; its gradient adds to the step's (DDP syncs on the last)."""
+    sync = nullcontext() if last_of_step or not dist.is_distributed() else run.embed.no_sync()
+    with sync:
+        with autocast(run.precision, run.device):
+            image, text = run.embed(batch.pixels, batch.ids)
+        loss = contrastive_loss(run, state, image, text, batch.labels)
+        state.scaler.scale(loss / run.cfg.accum_steps).backward()
+    remember(state, image, text, batch.labels)
+    return loss.item()
+
+
+def cached_step(run: Run, state: TrainState, batches: list[MicroBatch]) -> float:
+    """The step's micro-batches, on every rank, as one contrastive problem (GradCache): embed all
+    without a graph, take d loss / d embeddings once, then re-run each micro-batch with a graph and
+    chain those gradients in.
+
+    Why this is the gradient of the single-process loss L on all W*K*B rows (W ranks, K micro-batches
+    of B): L is a mean over its anchors, so L = (1/W) * sum_r loss_r, loss_r being the mean over rank
+    r's K*B anchors against every candidate (contrastive_loss: own rows, other ranks' rows, memory).
+    The gather's backward (distributed.py) sums into each rank's rows the gradients of every loss_r,
+    so the cached gradient of each embedding e is W * dL/de, and the re-runs give rank r
+        sum over its rows of  W * dL/de * de/dtheta   +   d loss_r / d(t, b).
+    DDP averages that over ranks on the last micro-batch (the others run under no_sync and only
+    accumulate): sum over all rows of dL/de * de/dtheta + (1/W) sum_r d loss_r / d(t, b), which is
+    dL/dtheta and dL/d(t, b). The t and b gradients are taken out of .grad after the loss's backward
+    and chained in again on the last re-run, inside DDP's backward: there DDP averages them; left in
+    .grad they would stay each rank's own. In a single process (W = 1) every factor is 1.
+    """
+    with torch.no_grad(), autocast(run.precision, run.device):
+        embs = [run.embed(batch.pixels, batch.ids) for batch in batches]
+    image = at_least_fp32(torch.cat([e[0] for e in embs])).requires_grad_()
+    text = at_least_fp32(torch.cat([e[1] for e in embs])).requires_grad_()
+    labels = torch.cat([batch.labels for batch in batches])
+    loss = contrastive_loss(run, state, image, text, labels)
+    state.scaler.scale(loss).backward()  # d loss / d embeddings, and the logit scale/bias grads
+    loss_params = [p for p in (run.model.logit_scale, run.model.logit_bias) if p is not None and p.grad is not None]
+    loss_grads = [p.grad for p in loss_params]
+    for p in loss_params:
+        p.grad = None
+    start = 0
+    for i, batch in enumerate(batches):  # re-run with grad; chain rule through the cached gradients
+        end, last = start + batch.pixels.shape[0], i == len(batches) - 1
+        with nullcontext() if last or not dist.is_distributed() else run.embed.no_sync():
+            with autocast(run.precision, run.device):
+                img, txt = run.embed(batch.pixels, batch.ids)
+            chained = ((at_least_fp32(img) * image.grad[start:end]).sum()
+                       + (at_least_fp32(txt) * text.grad[start:end]).sum())
+            if last:
+                chained = chained + sum((p * g).sum() for p, g in zip(loss_params, loss_grads))
+            chained.backward()
+        start = end
+    remember(state, image, text, labels)
+    return loss.item()
+
+
+def optimizer_step(run: Run, state: TrainState) -> None:
+    """Clip, step, clamp, schedule. A step whose gradients are not finite is skipped (by the
+    GradScaler in fp16, which then lowers its scale; here otherwise) and counted."""
+    params = [p for p in run.model.parameters() if p.grad is not None]
+    clip = run.cfg.grad_clip
+    if state.scaler.is_enabled():
+        state.scaler.unscale_(state.optimizer)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        scale = state.scaler.get_scale()
+        state.scaler.step(state.optimizer)  # skipped if unscale_ found inf/NaN
+        state.scaler.update()
+        skipped = state.scaler.get_scale() < scale
+    else:  # the norm is computed anyway: max_norm=inf only measures it (and multiplies by 1)
+        norm = torch.nn.utils.clip_grad_norm_(params, clip or float("inf"))
+        skipped = not torch.isfinite(norm).item()
+        if not skipped:
+            state.optimizer.step()
+    if skipped:
+        state.skipped_steps += 1
+        print(f"\n[train] optimizer step {state.step + 1}: non-finite gradients, step skipped", file=sys.stderr)
+    state.optimizer.zero_grad(set_to_none=True)
+    clamp_logit_scale_(run.model.logit_scale, run.model.cfg.family)  # CLIP: exp(t) <= 100; SigLIP: free
+    with warnings.catch_warnings():  # a skipped first step makes PyTorch warn; the schedule
+        warnings.simplefilter("ignore", UserWarning)  # follows steps taken or skipped alike
+        state.scheduler.step()
+    state.step += 1
+
+
+# ---------------------------------------------------------------- checkpoints, progress, the end
+
+def after_micro_batch(run: Run, state: TrainState) -> None:
+    """Stop cleanly if asked (every rank agrees), else checkpoint if one is due."""
+    if dist.any_rank(run.stop.requested):
+        save_checkpoint(run, state)
+        raise TrainingStopped(f"stopped by {run.stop.signal_name or 'another rank'} after epoch "
+                              f"{state.epoch + 1} micro-batch {state.batch_in_epoch}; the checkpoint is in "
+                              f"{run.out}/checkpoint: continue with the same command and --resume.", exit_code=130)
+    cfg = run.cfg
+    by_count = cfg.checkpoint_every and state.micro_step % cfg.checkpoint_every == 0
+    by_time = cfg.checkpoint_minutes and time.monotonic() - state.last_save >= 60 * cfg.checkpoint_minutes
+    if by_count or by_time:
+        save_checkpoint(run, state)
+
+
+def save_checkpoint(run: Run, state: TrainState) -> None:
+    """Rank 0 writes; every rank's pending micro-batch keys go in (cached mode: each rank re-reads its own).
+
+    Independent mode under torchrun, mid-step: each rank holds its own partial gradient sum g_r (no_sync),
+    and the step's end averages sum_r g_r over the ranks. Only that sum matters, so the checkpoint holds
+    it (one all-reduce of a copy; the running ranks keep their own) and a resumed rank 0 starts from it,
+    the other ranks from zero: the same step, up to the order of the floating-point additions."""
+    pending = dist.all_gather_object([(batch.epoch, batch.indices.tolist()) for batch in state.pending])
+    grads = None
+    if dist.is_distributed() and any(p.grad is not None for p in run.model.parameters()):
+        grads = {n: p.grad.detach().clone() for n, p in run.model.named_parameters() if p.grad is not None}
+        for grad in grads.values():
+            dist.all_reduce_sum(grad)
+    if run.main:
+        checkpoint.save(run.model, state, run.out, pending, grads)
+    state.last_save = time.monotonic()
+
+
+def progress(run: Run, state: TrainState, i: int, n: int, n_epoch: int, images: int, start: float) -> None:
+    """One updating line: i of this session's n micro-batches, out of the epoch's n_epoch."""
+    if not run.main or not state.epoch_losses:
+        return
+    elapsed = time.perf_counter() - start
+    eta = elapsed / i * (n - i + n_epoch * (run.cfg.epochs - state.epoch - 1))
+    end = "\n" if i == n else ""
+    print(f"\repoch {state.epoch + 1}/{run.cfg.epochs} batch {state.batch_in_epoch}/{n_epoch} step {state.step} "
+          f"loss {state.epoch_losses[-1]:.4f} {images / elapsed:.1f} img/s ETA {eta / 60:.1f} min",
+          end=end, flush=True)
+
+
+def finish(run: Run) -> dict:
+    """Write the trained weights and tokenizer into the run directory and evaluate on the test split."""
+    metrics = {}
+    if run.main:
+        save_model(run.model, run.out)
+        for name in TOKENIZER_FILES:
+            if (run.weights / name).is_file() and run.weights.resolve() != run.out.resolve():
+                shutil.copy(run.weights / name, run.out / name)
+        metrics = evaluate_model(run.model, run.tokenizer, run.data, run.out, run.cfg.prompts, run.cfg.eval_batch,
+                                 run.cfg.workers, autocast=autocast(run.precision, run.device))
+        print(f"[train] test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
+              f"-> {run.out}/metrics.json", file=sys.stdout)
+    dist.cleanup()
+    return metrics

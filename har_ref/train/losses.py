@@ -125,6 +125,7 @@ def clip_loss(
     loss = (CE_image->text + CE_text->image) / 2, each CE the mean over the B anchors of that
     direction of  -sum_j q_ij log softmax_j(exp(t) * cos(anchor_i, candidate_j)),  q_ij = 1/|P_i| on
     the positives P_i of anchor i and 0 elsewhere. With one positive per row this is open_clip's ClipLoss.
+    The same loss written plainly, the specification the tests hold this one to: `clip_loss_plain`.
     """
     memory_size = _check_memory(memory_image, memory_text)
     positives = positive_mask(labels, image_emb.shape[0], memory_labels, memory_size, image_emb.device)
@@ -169,6 +170,7 @@ def siglip_loss(
     open_clip's SigLipLoss and transformers' SiglipModel. With memory each batch pair keeps weight
     1/B and each (anchor, memory) pair gets 1/(2B): it appears in one direction only.
     `balanced_pos_weight(labels, memory_labels)` gives the pos_weight that balances the two classes.
+    The same loss written plainly, the specification the tests hold this one to: `siglip_loss_plain`.
     """
     memory_size = _check_memory(memory_image, memory_text)
     # y_ij = (z_ij + 1) / 2 as floats, built once: both directions' BCE keep it for their backward.
@@ -180,3 +182,59 @@ def siglip_loss(
     text_to_image = _sigmoid_loss(_scaled_cosine_logits(text_emb, image_emb, memory_image, scale) + logit_bias,
                                   targets, pos_weight)
     return (image_to_text + text_to_image) / 2
+
+
+# --- The plain equations ------------------------------------------------------------------------
+# The two losses written as the papers write them, in the spirit of big_vision's eight-line
+# `loss_fn` (trainers/proj/image_text/siglip.py): normalize, build every logit, one line per term.
+# They build full [B, B+M] float matrices and copy the memory; tests/test_losses.py checks the
+# optimized functions above against them (values and gradients, float64).
+
+def clip_loss_plain(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, labels: Tensor | None = None,
+                    memory_image: Tensor | None = None, memory_text: Tensor | None = None,
+                    memory_labels: Tensor | None = None) -> Tensor:
+    """Symmetric InfoNCE (CLIP paper, Fig. 3), targets uniform over each row's positives: `clip_loss`, plainly."""
+    n = image_emb.shape[0]
+    if labels is None:  # pair i is its own class; memory rows match nothing
+        labels = torch.arange(n, device=image_emb.device)
+        memory_labels = None if memory_image is None else labels.new_full((len(memory_image),), -1)
+    img, txt = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
+    if memory_image is not None:  # candidates: [batch; memory]
+        img_candidates = torch.cat([img, F.normalize(memory_image, dim=-1)])
+        txt_candidates = torch.cat([txt, F.normalize(memory_text, dim=-1)])
+        candidate_labels = torch.cat([labels, memory_labels])
+    else:
+        img_candidates, txt_candidates, candidate_labels = img, txt, labels
+    positives = (labels[:, None] == candidate_labels[None, :]).to(img.dtype)  # [B, B+M]
+    targets = positives / positives.sum(dim=1, keepdim=True)
+    logits_per_image = logit_scale.exp() * img @ txt_candidates.T
+    logits_per_text = logit_scale.exp() * txt @ img_candidates.T
+    loss_image = -(targets * logits_per_image.log_softmax(dim=1)).sum(dim=1).mean()
+    loss_text = -(targets * logits_per_text.log_softmax(dim=1)).sum(dim=1).mean()
+    return (loss_image + loss_text) / 2
+
+
+def siglip_loss_plain(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, logit_bias: Tensor,
+                      labels: Tensor | None = None, pos_weight: float | None = None,
+                      memory_image: Tensor | None = None, memory_text: Tensor | None = None,
+                      memory_labels: Tensor | None = None) -> Tensor:
+    """SigLIP eq. 1, -1/n sum_ij w_ij log sigmoid(z_ij (t x_i . y_j + b)), both ways: `siglip_loss`, plainly."""
+    n = image_emb.shape[0]
+    if labels is None:  # pair i is its own class; memory rows match nothing
+        labels = torch.arange(n, device=image_emb.device)
+        memory_labels = None if memory_image is None else labels.new_full((len(memory_image),), -1)
+    zimg, ztxt = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
+    if memory_image is not None:  # candidates: [batch; memory]
+        img_candidates = torch.cat([zimg, F.normalize(memory_image, dim=-1)])
+        txt_candidates = torch.cat([ztxt, F.normalize(memory_text, dim=-1)])
+        candidate_labels = torch.cat([labels, memory_labels])
+    else:
+        img_candidates, txt_candidates, candidate_labels = zimg, ztxt, labels
+    positives = (labels[:, None] == candidate_labels[None, :]).to(zimg.dtype)  # [B, B+M]
+    z = 2 * positives - 1  # +1 on positives, -1 elsewhere (big_vision: 2 * eye(n) - 1)
+    weights = 1 + ((pos_weight or 1.0) - 1) * positives  # pos_weight on positives, 1 elsewhere
+    logits_per_image = logit_scale.exp() * zimg @ txt_candidates.T + logit_bias
+    logits_per_text = logit_scale.exp() * ztxt @ img_candidates.T + logit_bias
+    loss_image = -(weights * F.logsigmoid(z * logits_per_image)).sum() / n
+    loss_text = -(weights * F.logsigmoid(z * logits_per_text)).sum() / n
+    return (loss_image + loss_text) / 2

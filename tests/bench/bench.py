@@ -1,4 +1,5 @@
-"""`make bench`: har-ref's encoders against transformers and open_clip on the CPU; losses; the data path.
+"""`make bench`: har-ref's encoders against transformers and open_clip on the CPU; losses; the data path;
+the cached accumulation step against independent accumulation.
 
 A benchmark, not a test: it prints a table and writes bench.json. Needs the test extra
 (transformers, open_clip_torch), imported here only. Nothing is downloaded: every model is
@@ -43,7 +44,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bench_tools import bench_loader, bench_losses, contrastive_loss, interleaved, paired_ratios
+from bench_tools import bench_accumulation, bench_loader, bench_losses, contrastive_loss, interleaved, paired_ratios
 from har_ref import load_model, load_tokenizer
 from har_ref.data.prompts import PromptBank
 from har_ref.train.optim import autocast, cpu_supports_bf16
@@ -294,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
         results["losses"] = bench_losses(rounds)
         results["loader"] = bench_loader(work, 40 if args.quick else 100)
+        results["accumulation"] = bench_accumulation(work, rounds)
     report(results, args.families)
     results["meta"]["load_end"] = os.getloadavg()
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
@@ -337,12 +339,22 @@ def report(results: dict, families: list[str]) -> None:
     print(f"data path ({ld['images']} x {ld['size']}, {ld['transform']}, 1 thread): decode every epoch "
           f"{ld['decode_every_epoch']:.0f} img/s, uint8 cache {ld['cached']:.0f} img/s "
           f"({ld['cached'] / ld['decode_every_epoch']:.1f}x); building the cache took {ld['cache_build_s']:.1f} s once")
+    print_accumulation(results["accumulation"])
     rows = [row for f in families for row in results[f]["rows"]]
     results["targets"] = check_targets(rows)
     print("targets (eager fp32):")
     for line in results["targets"]:
         print("  " + line)
     print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def print_accumulation(rows: list[dict]) -> None:
+    print("accumulation modes (one step's gradients, one process, the demo's tiny checkpoints):")
+    for r in rows:
+        print(f"  {r['family']:<7}{r['accum_steps']} x {r['micro_batch']}: independent "
+              f"{r['independent']['median_s']:.3f} s, peak {r['independent']['peak_mib']:.0f} MiB | cached "
+              f"{r['cached']['median_s']:.3f} s, peak {r['cached']['peak_mib']:.0f} MiB | cached / independent "
+              f"{r['overhead']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from har_ref.model.config import ModelConfig, clip_vit_b32, siglip_base_patch16_
 from har_ref.train.losses import clamp_logit_scale_
 from har_ref.model.dual_encoder import DualEncoder
 from har_ref.train.optim import autocast, build_optimizer
-from har_ref.train.loop import EmbedBoth
+from har_ref.train.setup import EmbedBoth
 
 DENSE_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}  # vendor spec sheets, dense (no sparsity)
 NUM_CLASSES = 15

@@ -154,3 +154,47 @@ def bench_loader(work: Path, count: int) -> dict:
     finally:
         torch.set_num_threads(threads)
     return result
+
+
+# ----------------------------------------------------------------------------- accumulation modes
+
+def bench_accumulation(work: Path, rounds: int, micro_batch: int = 8, accum_steps: int = 4) -> list[dict]:
+    """One optimizer step's gradients (no optimizer) of `accum_steps` micro-batches, one process, on the
+    demo's tiny checkpoints through loop.py: independent accumulation (a contrastive problem per
+    micro-batch) against cached (GradCache: one problem over all, at the price of a no-grad forward
+    of every micro-batch, the loss on the cached embeddings, and a second forward with grad)."""
+    from har_ref.data.prompts import PromptBank
+    from har_ref.demo.demo import make_tiny_checkpoint
+    from har_ref.demo.synthetic import generate
+    from har_ref.train import loop
+    from har_ref.train.config import TrainConfig
+    from har_ref.train.setup import reread_micro_batch, setup
+
+    data = work / "accumulation-data"
+    generate(data, train_per_class=4, test_per_class=1, image_size=64, seed=0)
+    texts, _ = PromptBank.from_file(None, list(CLASS_NAMES)).all_prompts()
+    rows = []
+    for family in ("clip", "siglip"):
+        weights = make_tiny_checkpoint(family, texts, work / f"accumulation-{family}", seed=0)
+        cfg = TrainConfig(model=family, epochs=1, micro_batch=micro_batch, accum_steps=accum_steps, xbm_size=0,
+                          precision="fp32", workers=0, lr=1e-5)
+        with contextlib.redirect_stdout(io.StringIO()):
+            run, state = setup(cfg, weights, data, work / f"accumulation-run-{family}", resume=False, overwrite=False)
+        batches = [reread_micro_batch(run, 0, list(range(k * micro_batch, (k + 1) * micro_batch)))
+                   for k in range(accum_steps)]
+
+        def independent():
+            for k, batch in enumerate(batches):
+                loop.independent_micro_step(run, state, batch, last_of_step=k == accum_steps - 1)
+            run.model.zero_grad(set_to_none=True)
+
+        def cached():
+            loop.cached_step(run, state, batches)
+            run.model.zero_grad(set_to_none=True)
+
+        measured = interleaved({"independent": independent, "cached": cached}, rounds)
+        rows.append(dict(family=family, micro_batch=micro_batch, accum_steps=accum_steps,
+                         params=sum(p.numel() for p in run.model.parameters()),
+                         overhead=statistics.median(paired_ratios(measured["independent"], measured["cached"])),
+                         **measured))
+    return rows
