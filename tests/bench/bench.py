@@ -108,7 +108,7 @@ def build_pairs(family: str, work: Path, prompts: list[str]) -> list[Pair]:
         hf = CLIPModel._from_config(config, attn_implementation="sdpa")
         arch = "ViT-B-32-quickgelu"
     else:
-        config = SiglipConfig(text_config=dict(pad_token_id=1, eos_token_id=1, bos_token_id=None))
+        config = SiglipConfig()  # as upstream writes it; conversion takes the ids SigLIP uses
         hf = SiglipModel._from_config(config, attn_implementation="sdpa")
         arch = "ViT-B-16-SigLIP"
     oc = open_clip.create_model(arch, pretrained=None)
