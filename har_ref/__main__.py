@@ -1,4 +1,4 @@
-"""python -m har_ref {train,evaluate,compare,prompts,predict,prepare,synth,demo} ...
+"""python -m har_ref {train,evaluate,compare,prompts,predict,wise-ft,prepare,synth,pretrain,demo} ...
 
 Every user error (missing weights, bad data layout, bad flag value) ends in one line on
 stderr and exit status 2, never a traceback.
@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--true", default=None, help="the true class, to colour the panel")
     p.add_argument("--panel", default=None, help="write the compare_viz panel PNG here")
 
+    p = sub.add_parser("wise-ft", help="weight-space ensemble of a zero-shot checkpoint and its fine-tuned run")
+    p.add_argument("--zero-shot", required=True, help="the checkpoint the run was fine-tuned from")
+    p.add_argument("--fine-tuned", required=True, help="the fine-tuned run directory (or checkpoint)")
+    p.add_argument("--alpha", required=True, type=float, help="0 = zero-shot, 1 = fine-tuned")
+    p.add_argument("--out", required=True)
+
     p = sub.add_parser("prepare", help="flat image folder + CSV -> stratified train/ test/ folders (links)")
     p.add_argument("--csv", required=True)
     p.add_argument("--images", required=True)
@@ -146,6 +152,9 @@ def run(args) -> None:
         from .eval.predict import run_predict
         run_predict(args.weights, args.images, class_names_from(args.classes) if args.classes else None,
                     args.prompts, args.top_k, args.true, args.panel, args.json, args.batch_size)
+    elif args.command == "wise-ft":
+        from .eval.wise_ft import wise_ft
+        print(f"wrote {wise_ft(args.zero_shot, args.fine_tuned, args.alpha, args.out)}")
     elif args.command == "prepare":
         from .data.prepare import prepare_splits
         report = prepare_splits(args.csv, args.images, args.out, args.test_per_class, args.seed)

@@ -358,3 +358,28 @@ def test_packaged_prompt_bank_serves_any_label_set(capsys):
     notes = capsys.readouterr().err.strip().splitlines()
     assert len(notes) == 1 and "extra templates for 14 classes not in this label set are skipped" in notes[0]
     assert class_phrase("arm wrestling") == "arm wrestling" and class_phrase("listening_to_music") == "listening to music"
+
+
+@pytest.mark.parametrize("batch_size, world", [(64, 1), (64, 2), (30, 1)])
+def test_balanced_batches_hold_every_class_within_one_of_its_share(batch_size, world, monkeypatch):
+    """--balanced-batches: in every micro-batch of every rank, each of the 15 classes appears
+    floor or ceil of B / 15 times; every rank's epoch is a different part of one order."""
+    labels = [c for c in range(15) for _ in range(40)]
+    dataset = list(range(len(labels)))
+    shards = []
+    for rank in range(world):
+        monkeypatch.setattr(folders, "world_size", lambda: world)
+        monkeypatch.setattr(folders, "rank", lambda rank=rank: rank)
+        sampler = folders.BalancedEpochSampler(dataset, labels, batch_size, seed=3, drop_last=True)
+        sampler.set_epoch(1)
+        keys = list(sampler)
+        assert len(keys) == len(sampler) and all(epoch == 1 for epoch, _ in keys)
+        shards.append([i for _, i in keys])
+    for shard in shards:
+        for start in range(0, len(shard), batch_size):
+            counts = np.bincount([labels[i] for i in shard[start:start + batch_size]], minlength=15)
+            assert counts.min() >= batch_size // 15 and counts.max() <= -(-batch_size // 15)
+    everything = [i for shard in shards for i in shard]
+    assert len(everything) == len(set(everything))  # no image twice in an epoch, across ranks
+    sampler.set_epoch(2)
+    assert [i for _, i in sampler] != shards[-1]  # another order every epoch

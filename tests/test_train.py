@@ -222,3 +222,24 @@ def test_cached_images_train_like_decoded_images(clip_weights, data_dir, tmp_pat
     log = [json.loads((tmp_path / run / "log.jsonl").read_text()) for run in ("decoded", "cached")]
     assert abs(log[0]["loss"] - log[1]["loss"]) < 1e-6
     assert decoded["accuracy"] == cached["accuracy"]
+
+
+def test_auto_logit_bias_is_the_logit_of_the_counted_positive_share(siglip_weights, data_dir, tmp_path):
+    """--logit-bias-init auto: b = log(p / (1 - p)), p the share of same-class pairs among the
+    anchor-candidate pairs of epoch 0's micro-batches, counted here pair by pair."""
+    import math
+
+    run, _ = setup(tiny_cfg("siglip", logit_bias_init="auto"), siglip_weights, data_dir, tmp_path,
+                   resume=False, overwrite=False)
+    run.loader.sampler.set_epoch(0)
+    labels = [run.dataset.items[i][1] for _, i in run.loader.sampler]
+    batches = [labels[s:s + 8] for s in range(0, len(labels) - 7, 8)]
+    positive = sum(a == b for batch in batches for a in batch for b in batch)
+    share = positive / sum(len(batch) ** 2 for batch in batches)
+    assert run.model.logit_bias.item() == pytest.approx(math.log(share / (1 - share)), abs=1e-6)
+    run, _ = setup(tiny_cfg("siglip", logit_bias_init="-3.5"), siglip_weights, data_dir, tmp_path / "b",
+                   resume=False, overwrite=False)
+    assert run.model.logit_bias.item() == -3.5
+    run, _ = setup(tiny_cfg("siglip"), siglip_weights, data_dir, tmp_path / "c", resume=False, overwrite=False)
+    from har_ref.model.dual_encoder import load_model
+    assert run.model.logit_bias.item() == load_model(siglip_weights).logit_bias.item()  # "checkpoint": kept

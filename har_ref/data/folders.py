@@ -213,13 +213,48 @@ class EpochSampler(DistributedSampler):
         return self.num_samples - self.skip
 
 
+class BalancedEpochSampler(EpochSampler):
+    """EpochSampler whose every micro-batch holds each class within one of batch_size / K
+    (--balanced-batches): the same-class positives per row, hence the share of positive pairs the
+    sigmoid loss must match with its bias, are then the same in every batch (docs/losses.md).
+
+    Per (seed, epoch): each class's items are shuffled, the classes put in a shuffled order, and the
+    items dealt round-robin, one per class per round; any run of batch_size consecutive items then
+    holds floor or ceil of batch_size / K of each class that still has items. Rank r takes the
+    global batches r, r + W, r + 2W, ... so its batches are such runs too.
+    """
+
+    def __init__(self, dataset: Dataset, labels: Sequence[int], batch_size: int, seed: int, drop_last: bool):
+        super().__init__(dataset, seed=seed, drop_last=drop_last)
+        self.labels, self.batch_size = list(labels), batch_size
+        self.num_samples = len(self.labels) // (batch_size * self.num_replicas) * batch_size  # whole batches
+
+    def order(self, epoch: int) -> list[int]:
+        rng = random.Random(f"{self.seed}:{epoch}")
+        by_class: dict[int, list[int]] = {}
+        for index, label in enumerate(self.labels):
+            by_class.setdefault(label, []).append(index)
+        classes = sorted(by_class)
+        rng.shuffle(classes)
+        for c in classes:
+            rng.shuffle(by_class[c])
+        rounds = max(len(v) for v in by_class.values())
+        return [by_class[c][r] for r in range(rounds) for c in classes if r < len(by_class[c])]
+
+    def __iter__(self):
+        order, B, W = self.order(self.epoch), self.batch_size, self.num_replicas
+        batches = [order[start:start + B] for start in range(0, len(order) - B + 1, B)]
+        mine = [i for batch in batches[self.rank::W][:self.num_samples // B] for i in batch]
+        return iter([(self.epoch, i) for i in mine[self.skip:]])
+
+
 def ignore_sigint(worker_id: int) -> None:
     """DataLoader workers leave Ctrl-C to the main process, which stops cleanly (train.py)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_train_loader(dataset: Dataset, batch_size: int, workers: int, seed: int,
-                      drop_last: bool = True) -> DataLoader:
+                      drop_last: bool = True, balanced: bool = False) -> DataLoader:
     """Shuffled loader whose order depends only on (seed, epoch): call `loader.sampler.set_epoch(epoch)`
     before each epoch (without it every epoch repeats epoch 0's order).
 
@@ -229,8 +264,10 @@ def make_train_loader(dataset: Dataset, batch_size: int, workers: int, seed: int
     seeded per item by the dataset (its `seed`), so they do not depend on the workers; numpy's
     and `random`'s states in worker w are seeded from base_seed + w by PyTorch, base_seed coming
     from the generator seeded here.
+    With `balanced`, every batch holds each class within one of batch_size / K (BalancedEpochSampler).
     """
-    sampler = EpochSampler(dataset, seed=seed, drop_last=drop_last)
+    sampler = (BalancedEpochSampler(dataset, [y for _, y in dataset.items], batch_size, seed, drop_last) if balanced
+               else EpochSampler(dataset, seed=seed, drop_last=drop_last))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       drop_last=drop_last, generator=torch.Generator().manual_seed(seed),
                       persistent_workers=workers > 0, worker_init_fn=ignore_sigint if workers else None,

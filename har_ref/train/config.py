@@ -26,6 +26,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"
     pos_weight: str = "none"  # SigLIP only: "none" | "balanced" | a number
+    logit_bias_init: str = "checkpoint"  # SigLIP only: "checkpoint" (keep b) | "auto" (logit of the positive share) | a number
+    balanced_batches: bool = False  # every micro-batch holds each class within one of micro_batch / K
     augment: bool = False  # random resized crop + horizontal flip on train images
     workers: int = 2
     seed: int = 0
@@ -61,6 +63,12 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message + ".")
+        if self.logit_bias_init not in ("checkpoint", "auto"):
+            try:
+                float(self.logit_bias_init)
+            except ValueError:
+                raise ValueError(f"--logit-bias-init must be checkpoint, auto or a number, got "
+                                 f"{self.logit_bias_init!r}.") from None
         if self.pos_weight not in ("none", "balanced"):
             try:
                 float(self.pos_weight)

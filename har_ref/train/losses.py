@@ -238,3 +238,16 @@ def siglip_loss_plain(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, 
     loss_image = -(weights * F.logsigmoid(z * logits_per_image)).sum() / n
     loss_text = -(weights * F.logsigmoid(z * logits_per_text)).sum() / n
     return (loss_image + loss_text) / 2
+
+
+def positive_share(batches: list[list[int]]) -> float:
+    """The share of positive (same-class) pairs among the anchor-candidate pairs of these batches
+    (labels per micro-batch; each batch scored against itself, as the sigmoid loss does)."""
+    positive = sum(int((torch.bincount(torch.as_tensor(b)) ** 2).sum()) for b in batches)
+    return positive / sum(len(b) ** 2 for b in batches)
+
+
+def logit_bias_for(share: float) -> float:
+    """b with sigmoid(b) = share: the level every logit starts at when cosines are ~0 (docs/losses.md,
+    "Where b starts"; open_clip issue #650 sets b from the batch size, the one-positive case of this)."""
+    return math.log(share / (1.0 - share))

@@ -24,7 +24,7 @@ from ..model.transforms import build_transform
 from . import checkpoint
 from .config import TrainConfig
 from .faults import NonFiniteLosses, StopRequest
-from .losses import balanced_pos_weight, clip_loss, siglip_loss
+from .losses import balanced_pos_weight, clip_loss, logit_bias_for, positive_share, siglip_loss
 from .optim import build_optimizer, grad_scaler, resolve_precision, warmup_cosine
 from .state import MicroBatch, Run, TrainState
 from .xbm import CrossBatchMemory
@@ -74,7 +74,10 @@ def setup(cfg: TrainConfig, weights: Path, data: Path, out: Path, resume: bool, 
     tokenizer = load_tokenizer(weights)
     train_items, _, class_names = build_splits(data)
     dataset = build_dataset(cfg, model, train_items, main)
-    loader = make_train_loader(dataset, cfg.micro_batch, cfg.workers, cfg.seed)
+    loader = make_train_loader(dataset, cfg.micro_batch, cfg.workers, cfg.seed, balanced=cfg.balanced_batches)
+    if model.cfg.family == "siglip" and cfg.logit_bias_init != "checkpoint":  # before DDP copies rank 0's b
+        with torch.no_grad():
+            model.logit_bias.fill_(initial_logit_bias(cfg.logit_bias_init, loader))
     prompts = PromptSampler(PromptBank.from_file(cfg.prompts, class_names), class_names, tokenizer, device, cfg.seed)
     precision = resolve_precision(cfg.precision, device)
     embed = EmbedBoth(model)
@@ -102,6 +105,18 @@ def setup(cfg: TrainConfig, weights: Path, data: Path, out: Path, resume: bool, 
     if main:
         explain_batch(run)
     return run, state
+
+
+def initial_logit_bias(setting: str, loader) -> float:
+    """--logit-bias-init: a number as given, or "auto": the logit of the share of positive pairs in
+    epoch 0's micro-batches (same-class positives), so that b starts where the loss wants the common
+    level of every logit (docs/losses.md, "Where b starts")."""
+    if setting != "auto":
+        return float(setting)
+    loader.sampler.set_epoch(0)
+    labels = [loader.dataset.items[i][1] for _, i in loader.sampler]
+    B = loader.batch_size
+    return logit_bias_for(positive_share([labels[s:s + B] for s in range(0, len(labels) - B + 1, B)]))
 
 
 def build_dataset(cfg: TrainConfig, model: DualEncoder, items, main: bool):

@@ -1,0 +1,80 @@
+"""WiSE-FT (Wortsman et al. 2022): weight-space ensembles of the zero-shot and the fine-tuned model.
+
+    theta(alpha) = (1 - alpha) * theta_zero_shot + alpha * theta_fine_tuned        (WiSE-FT eq. 1)
+
+alpha = 0 is the zero-shot checkpoint, alpha = 1 the fine-tuned one; in between the paper finds
+models that keep much of the zero-shot model's robustness and most of the fine-tuned accuracy. Every
+tensor is mixed, the temperature t and SigLIP's bias b included. Both checkpoints must share the
+architecture (the fine-tuned one was trained from the zero-shot one).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..data.folders import ImageFolderDataset, build_splits, make_eval_loader
+from ..data.prompts import PromptBank
+from ..model.dual_encoder import DualEncoder, load_model, save_model
+from ..model.tokenizer import load_tokenizer
+from ..model.transforms import build_transform
+from .embed import class_embeddings, embed_images
+from .metrics import compute_metrics
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "spiece.model", "tokenizer_config.json",
+                   "special_tokens_map.json")
+RUN_LABEL_FILES = ("classes.json", "prompts.json")  # a run's label space travels with its weights
+ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+def interpolate(zero_shot: DualEncoder, fine_tuned: DualEncoder, alpha: float) -> DualEncoder:
+    """A new model with theta(alpha) (eq. 1). alpha 0 and 1 return the endpoints' tensors exactly."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"--alpha must be between 0 (zero-shot) and 1 (fine-tuned), got {alpha}.")
+    if zero_shot.cfg.to_dict() != fine_tuned.cfg.to_dict():
+        raise ValueError("the zero-shot and fine-tuned checkpoints have different config.json files; WiSE-FT "
+                         "mixes a fine-tuned model with the checkpoint it was fine-tuned from.")
+    a, b = zero_shot.state_dict(), fine_tuned.state_dict()
+    mixed = {k: a[k] if alpha == 0 else b[k] if alpha == 1 else torch.lerp(a[k], b[k], alpha) for k in a}
+    model = DualEncoder(fine_tuned.cfg)
+    model.load_state_dict(mixed)
+    return model.eval()
+
+
+def wise_ft(zero_shot: str | Path, fine_tuned: str | Path, alpha: float, out: str | Path) -> Path:
+    """`python -m har_ref wise-ft`: write theta(alpha) as a checkpoint directory that loads like any other,
+    with the fine-tuned run's tokenizer, classes and prompts."""
+    zero_shot, fine_tuned, out = Path(zero_shot), Path(fine_tuned), Path(out)
+    if out.resolve() in (zero_shot.resolve(), fine_tuned.resolve()):
+        raise ValueError(f"--out {out} is one of the two checkpoints; write the mix to another directory.")
+    model = interpolate(load_model(zero_shot), load_model(fine_tuned), alpha)
+    save_model(model, out)
+    for name in TOKENIZER_FILES + RUN_LABEL_FILES:
+        if (fine_tuned / name).is_file():
+            shutil.copy(fine_tuned / name, out / name)
+    (out / "wise_ft.json").write_text(json.dumps({"zero_shot": str(zero_shot), "fine_tuned": str(fine_tuned),
+                                                  "alpha": alpha}, indent=2) + "\n")
+    return out
+
+
+@torch.no_grad()
+def accuracy_curve(zero_shot: str | Path, fine_tuned: str | Path, data: str | Path,
+                   alphas=ALPHAS, batch_size: int = 128) -> list[dict]:
+    """Test accuracy and macro-F1 of theta(alpha) for each alpha, with the fine-tuned run's prompts."""
+    fine_tuned = Path(fine_tuned)
+    a, b = load_model(zero_shot), load_model(fine_tuned)
+    tokenizer = load_tokenizer(fine_tuned)
+    _, test_items, class_names = build_splits(data)
+    prompts = fine_tuned / "prompts.json" if (fine_tuned / "prompts.json").is_file() else None
+    bank = PromptBank.from_file(prompts, class_names)
+    loader = make_eval_loader(ImageFolderDataset(test_items, build_transform(b.cfg, train=False)), batch_size, 0)
+    curve = []
+    for alpha in alphas:
+        model = interpolate(a, b, alpha)
+        image_emb, labels, _ = embed_images(model, loader)
+        logits = model.score(image_emb, class_embeddings(model, tokenizer, bank, class_names))
+        m = compute_metrics(labels, logits.argmax(1).numpy(), class_names)
+        curve.append({"alpha": alpha, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
+    return curve
