@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFont
 
-from har_ref.eval import compare_viz, plots
+from har_ref.eval import charts, compare_viz, plots
 from har_ref.eval.metrics import reliability_diagram_data, softmax
 
 CLASSES = ("calling clapping cycling dancing drinking eating fighting hugging laughing "
@@ -99,40 +99,40 @@ def test_prompt_heatmap_spans_data_range(tmp_path):
 
 
 def test_model_colors_are_fixed_and_distinct():
-    colors = plots.model_colors(["SigLIP (base, 224)", "CLIP (ViT-B/32)"])
-    assert colors == {"SigLIP (base, 224)": plots.SIGLIP_COLOR, "CLIP (ViT-B/32)": plots.CLIP_COLOR}
-    variants = plots.model_colors(["CLIP zero-shot", "CLIP fine-tuned", "SigLIP"])
-    assert len(set(variants.values())) == 3 and variants["CLIP zero-shot"] == plots.CLIP_COLOR
+    colors = charts.model_colors(["SigLIP (base, 224)", "CLIP (ViT-B/32)"])
+    assert colors == {"SigLIP (base, 224)": charts.SIGLIP_COLOR, "CLIP (ViT-B/32)": charts.CLIP_COLOR}
+    variants = charts.model_colors(["CLIP zero-shot", "CLIP fine-tuned", "SigLIP"])
+    assert len(set(variants.values())) == 3 and variants["CLIP zero-shot"] == charts.CLIP_COLOR
 
 
 def test_loss_curves_fall_and_keep_model_colours(tmp_path):
     path = tmp_path / "loss.png"
     curves = {"CLIP": [3.0, 2.0, 1.5, 1.2, 1.0], "SigLIP": [3.2, 1.8, 1.0, 0.6, 0.4]}
-    image = plots.plot_loss_curves(curves, path)
+    image = charts.plot_loss_curves(curves, path)
     assert_png_with_white_border(path, image)
     a = pixels(image)
     legend_bottom = plots.MARGIN + plots.line_height(plots.TITLE_PX) + 10 + plots.line_height(plots.TEXT_PX) + 12
-    for color in (plots.CLIP_COLOR, plots.SIGLIP_COLOR):
+    for color in (charts.CLIP_COLOR, charts.SIGLIP_COLOR):
         ys, xs = np.nonzero((a[legend_bottom:] == np.array(color)).all(-1))  # the curve, not the legend swatch
         assert ys.size > 200
         early, late = xs < np.median(xs), xs >= np.median(xs)
         assert ys[early].mean() < ys[late].mean()  # loss falls: the line goes down the picture
     with pytest.raises(ValueError):
-        plots.plot_loss_curves({}, path)
-    plots.plot_loss_curves({"CLIP": [1.0]}, tmp_path / "one.png")  # a single constant epoch still draws
+        charts.plot_loss_curves({}, path)
+    charts.plot_loss_curves({"CLIP": [1.0]}, tmp_path / "one.png")  # a single constant epoch still draws
 
 
 def test_epoch_time_bars_are_proportional(tmp_path):
     path = tmp_path / "times.png"
-    image = plots.plot_epoch_times({"CLIP (ViT-B/32)": 400.0, "SigLIP (base, 224)": 650.0}, path)
+    image = charts.plot_epoch_times({"CLIP (ViT-B/32)": 400.0, "SigLIP (base, 224)": 650.0}, path)
     assert_png_with_white_border(path, image)
     a = pixels(image)
     heights = {}
-    for color in (plots.CLIP_COLOR, plots.SIGLIP_COLOR):
+    for color in (charts.CLIP_COLOR, charts.SIGLIP_COLOR):
         mask = (a == np.array(color)).all(-1)
         column = mask[:, np.nonzero(mask.any(0))[0].mean().astype(int)]
         heights[color] = column.sum()
-    assert heights[plots.SIGLIP_COLOR] / heights[plots.CLIP_COLOR] == pytest.approx(650 / 400, rel=0.01)
+    assert heights[charts.SIGLIP_COLOR] / heights[charts.CLIP_COLOR] == pytest.approx(650 / 400, rel=0.01)
 
 
 def test_reliability_diagram(tmp_path):
@@ -144,10 +144,10 @@ def test_reliability_diagram(tmp_path):
         logits[np.arange(600), y] += boost
         data[name] = reliability_diagram_data(softmax(logits), y)
     path = tmp_path / "rel.png"
-    image = plots.plot_reliability(data, path)
+    image = charts.plot_reliability(data, path)
     assert_png_with_white_border(path, image)
     a = pixels(image)
-    assert count_color(a, plots.CLIP_COLOR) > 100 and count_color(a, plots.SIGLIP_COLOR) > 100
+    assert count_color(a, charts.CLIP_COLOR) > 100 and count_color(a, charts.SIGLIP_COLOR) > 100
 
 
 def caption_rows(panel: Image.Image) -> list[np.ndarray]:

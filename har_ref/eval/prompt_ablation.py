@@ -30,7 +30,7 @@ from .evaluate import MODEL_NAMES, evaluate_model
 from .metrics import compute_metrics, mcnemar_exact, paired_bootstrap
 from ..model.dual_encoder import DualEncoder, load_model
 from .plots import display_name, plot_prompt_heatmap
-from .report import read_predictions
+from .run_results import read_predictions
 from ..model.tokenizer import load_tokenizer
 from ..model.transforms import build_transform
 

@@ -10,116 +10,27 @@ in the report is A - B, A being the first run given.
 """
 from __future__ import annotations
 
-import csv
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .compare_viz import compare_grid, compare_panel
+from .run_results import RunResults, align, load_run
 from .metrics import compute_metrics, mcnemar_exact, paired_bootstrap, reliability_diagram_data, softmax
-from .plots import display_name, plot_confusion, plot_epoch_times, plot_loss_curves, plot_reliability
+from .charts import plot_epoch_times, plot_loss_curves, plot_reliability
+from .plots import display_name, plot_confusion
 from ..model.transforms import load_image
 
 ECE_BINS = 15  # as evaluate.py writes metrics.json
-
-
-@dataclass
-class Run:
-    """One run directory's test predictions (rows in predictions.csv order) and training log."""
-
-    directory: Path
-    name: str  # "CLIP" / "SigLIP" from metrics.json
-    family: str
-    class_names: list[str]
-    paths: list[str]
-    true: list[str]
-    pred: list[str]
-    scores: np.ndarray  # [N, K] logits
-    log: list[dict] | None  # one record per epoch, None without log.jsonl
-    synthetic: bool
-    skipped_images: int
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: compare needs run directories written by "
-                                "`python -m har_ref train` or `python -m har_ref evaluate`.")
-    return json.loads(path.read_text())
-
-
-def read_predictions(path: Path) -> tuple[list[str], list[list[str]], np.ndarray]:
-    """(class names, rows [path, true, pred], scores [N, K]) from a predictions.csv."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `python -m har_ref evaluate` to write it.")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    header = rows[0] if rows else []
-    if header[:3] != ["path", "true", "pred"] or not all(h.startswith("score_") for h in header[3:]):
-        raise ValueError(f"{path} does not have the header path,true,pred,score_<class>...; "
-                         "re-create it with `python -m har_ref evaluate`.")
-    class_names = [h[len("score_"):] for h in header[3:]]
-    body = rows[1:]
-    scores = np.array([[float(s) for s in row[3:]] for row in body], dtype=np.float64).reshape(len(body), -1)
-    return class_names, [row[:3] for row in body], scores
-
-
-def read_log(path: Path) -> list[dict] | None:
-    """Per-epoch records of log.jsonl sorted by epoch; a resumed epoch keeps its last record."""
-    if not path.is_file():
-        return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    by_epoch = {int(r["epoch"]): r for r in records}
-    return [by_epoch[e] for e in sorted(by_epoch)] or None
-
-
-def load_run(directory: str | Path) -> Run:
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"Run directory {directory} does not exist; pass the --out folder of a "
-                                "train or evaluate run.")
-    metrics = _read_json(directory / "metrics.json")
-    class_names, rows, scores = read_predictions(directory / "predictions.csv")
-    train_config_path = directory / "train_config.json"
-    train_config = json.loads(train_config_path.read_text()) if train_config_path.is_file() else {}
-    return Run(directory=directory, name=metrics["model_name"], family=metrics["family"],
-               class_names=class_names, paths=[r[0] for r in rows], true=[r[1] for r in rows],
-               pred=[r[2] for r in rows], scores=scores, log=read_log(directory / "log.jsonl"),
-               synthetic=bool(train_config.get("synthetic", False)),
-               skipped_images=len(metrics.get("skipped_images", [])))
-
-
-def align(a: Run, b: Run) -> np.ndarray:
-    """Row order of b that puts b's images in a's order; errors unless both hold the same test set."""
-    where = f"{a.directory} and {b.directory}"
-    if a.class_names != b.class_names:
-        raise ValueError(f"The runs in {where} have different classes ({a.class_names} vs {b.class_names}); "
-                         "compare runs evaluated on the same dataset.")
-    for run in (a, b):
-        if len(set(run.paths)) != len(run.paths):
-            raise ValueError(f"{run.directory / 'predictions.csv'} lists an image twice; re-run evaluate.")
-    row_of_b = {path: i for i, path in enumerate(b.paths)}
-    only_a, only_b = set(a.paths) - set(row_of_b), set(row_of_b) - set(a.paths)
-    if only_a or only_b:
-        example = sorted(only_a or only_b)[0]
-        raise ValueError(f"The test sets in {where} differ ({len(only_a)} image(s) only in the first, "
-                         f"{len(only_b)} only in the second, e.g. {example}); evaluate both models on the "
-                         "same data directory.")
-    order = np.array([row_of_b[path] for path in a.paths], dtype=np.int64)
-    mismatched = [p for p, t, i in zip(a.paths, a.true, order) if b.true[i] != t]
-    if mismatched:
-        raise ValueError(f"The runs in {where} disagree on the true class of {len(mismatched)} image(s) "
-                         f"(e.g. {mismatched[0]}); evaluate both models on the same data directory.")
-    return order
 
 
 def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "model"
 
 
-def _model_names(a: Run, b: Run) -> tuple[str, str]:
+def _model_names(a: RunResults, b: RunResults) -> tuple[str, str]:
     """Display names; two runs of one family are told apart by their directory names."""
     if a.name != b.name:
         return a.name, b.name
@@ -129,7 +40,7 @@ def _model_names(a: Run, b: Run) -> tuple[str, str]:
 # ---------------------------------------------------------------------------- numbers
 
 
-def comparison_numbers(a: Run, b: Run, n_resamples: int, seed: int) -> dict:
+def comparison_numbers(a: RunResults, b: RunResults, n_resamples: int, seed: int) -> dict:
     """Every number in the report, from the two aligned prediction sets."""
     order = align(a, b)
     index = {name: k for k, name in enumerate(a.class_names)}
@@ -183,7 +94,7 @@ def pick_examples(correct_a: list[bool], correct_b: list[bool], names: tuple[str
     return picks
 
 
-def draw_pictures(a: Run, b: Run, names: tuple[str, str], numbers: dict, out_dir: Path,
+def draw_pictures(a: RunResults, b: RunResults, names: tuple[str, str], numbers: dict, out_dir: Path,
                   per_category: int, seed: int) -> dict[str, list]:
     """Write every PNG; returns {section: [file names]}, examples as (file, category), for the markdown."""
     files: dict[str, list] = {"confusion": [], "calibration": [], "examples": []}
@@ -293,7 +204,7 @@ def summary_paragraph(names: tuple[str, str], numbers: dict, class_names: list[s
     return " ".join(lines)
 
 
-def write_markdown(path: Path, a: Run, b: Run, names: tuple[str, str], numbers: dict,
+def write_markdown(path: Path, a: RunResults, b: RunResults, names: tuple[str, str], numbers: dict,
                    files: dict[str, list], per_category: int) -> None:
     classes = a.class_names
     ma, mb = numbers["metrics"]["a"], numbers["metrics"]["b"]
