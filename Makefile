@@ -9,7 +9,7 @@ WEIGHTS ?= weights/$(MODEL)
 OUT ?= runs/$(MODEL)
 ARGS ?=
 
-.PHONY: setup test demo train compare bench bench-gpu clean
+.PHONY: setup test demo pretrain train compare bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ test: setup
 
 demo: setup
 	$(PY) -m har_ref demo --out runs/demo
+
+# Rebuilds the demo's shipped tiny checkpoints (har_ref/demo/checkpoints); not part of `make demo`.
+pretrain: setup
+	$(PY) -m har_ref pretrain --out har_ref/demo/checkpoints
 
 train: setup
 	$(PY) -m har_ref train --model $(MODEL) --weights $(WEIGHTS) --data $(DATA) --out $(OUT) $(ARGS)

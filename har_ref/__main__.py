@@ -124,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-per-class", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("demo", help="offline demo: synthetic data, tiny CLIP and SigLIP, report")
+    p = sub.add_parser("pretrain", help="pretrain the demo's tiny CLIP and SigLIP on synthetic image-caption pairs")
+    p.add_argument("--out", default=None, help="default: har_ref/demo/checkpoints (what the demo starts from)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("demo", help="offline demo: pretrained tiny CLIP and SigLIP, zero-shot, fine-tune, report")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
     return parser
@@ -170,6 +174,9 @@ def run(args) -> None:
         from .demo.synthetic import generate
         generate(args.out, train_per_class=args.train_per_class, test_per_class=args.test_per_class, seed=args.seed)
         print(f"wrote {args.out}/train and {args.out}/test")
+    elif args.command == "pretrain":
+        from .demo.pretrain import CHECKPOINTS, pretrain
+        pretrain(args.out or CHECKPOINTS, seed=args.seed)
     elif args.command == "demo":
         from .demo.demo import run_demo
         run_demo(args.out, seed=args.seed)

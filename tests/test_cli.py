@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from har_ref.data.prompts import PromptBank
-from har_ref.demo.demo import make_tiny_checkpoint
+from har_ref.demo.tiny import make_tiny_checkpoint
 from har_ref.demo.synthetic import CLASS_NAMES, write_flat_csv_layout
 
 

@@ -1,11 +1,16 @@
-"""`make demo`: the whole pipeline offline, in a few minutes on two CPU cores.
+"""`make demo`: the study in miniature, offline, in a few minutes on two CPU cores.
 
-No pretrained weights or datasets exist offline, so the demo makes its own: a synthetic
-HAR-like dataset (synthetic.py), a CLIP BPE and a SigLIP SentencePiece tokenizer trained on
-the prompt bank, and TINY CLIP and SigLIP models with random weights. Both are trained from
-scratch with the same loop and protocol switches as real fine-tuning, evaluated, and
-compared in a report. The numbers say the code works end to end; they say nothing about
-real CLIP or SigLIP.
+The study fine-tunes pretrained CLIP and SigLIP and compares them. No pretrained weights or datasets
+can be downloaded here, so the demo brings its own: tiny CLIP and SigLIP pretrained by the project on
+synthetic image-caption pairs (pretrain.py; shipped in har_ref/demo/checkpoints/ in transformers'
+format, as a user's downloads are) and a synthetic HAR-like dataset (synthetic.py). Then it walks the
+user's path, both families in parallel (one core each):
+
+    weights_conversion hf  ->  zero-shot evaluate  ->  fine-tune (the study's protocol, scaled down)
+    ->  evaluate  ->  WiSE-FT curve  ->  compare report
+
+The numbers say the code works end to end, and how the pieces behave on tiny models and synthetic
+images; they say nothing about real CLIP or SigLIP on real photos.
 """
 from __future__ import annotations
 
@@ -17,78 +22,54 @@ from pathlib import Path
 
 import torch
 
-from ..model.config import ModelConfig, TextConfig, VisionConfig
-from ..data.prompts import PromptBank
-from ..model.dual_encoder import DualEncoder, save_model
-from .synthetic import CLASS_NAMES, generate
-from ..model.tokenizer import ClipTokenizer, SiglipTokenizer
-from .tokenizer_training import train_clip_bpe, train_sentencepiece
-from ..train.loop import train
+from ..eval.evaluate import evaluate
+from ..eval.wise_ft import accuracy_curve
 from ..train.config import TrainConfig
+from ..train.loop import train
+from .pretrain import CHECKPOINTS
+from .synthetic import generate
+from .tiny import IMAGE_SIZE
 
-IMAGE_SIZE = 64  # synthetic images are drawn at this size; both tiny ViTs take it as is
-TRAIN_PER_CLASS, TEST_PER_CLASS, EPOCHS = 200, 40, 14
+TRAIN_PER_CLASS, TEST_PER_CLASS = 200, 40
 VARIATION = 0.0  # synthetic.render fixes figure placement and clothes colours: learnable by a tiny ViT in minutes
+FAMILIES = ("clip", "siglip")
 
 
-def tiny_config(family: str, tok: dict) -> ModelConfig:
-    """A ~0.3 M parameter dual encoder with each family's real architecture switches."""
-    clip = family == "clip"
-    width = 64
-    return ModelConfig(
-        family=family, embed_dim=64 if clip else width,
-        vision=VisionConfig(image_size=IMAGE_SIZE, patch_size=8, width=width, layers=3, heads=4, mlp_dim=4 * width,
-                            act="quick_gelu" if clip else "gelu_tanh", ln_eps=1e-5 if clip else 1e-6,
-                            pool="cls" if clip else "map", patch_bias=not clip),
-        text=TextConfig(vocab_size=tok["vocab_size"], context_length=tok["context_length"], width=width, layers=2, heads=4,
-                        mlp_dim=4 * width, act="quick_gelu" if clip else "gelu_tanh",
-                        ln_eps=1e-5 if clip else 1e-6, causal=clip, pool="eos" if clip else "last",
-                        eos_token_id=tok["eos_token_id"], eos_by_argmax=clip, pad_token_id=tok["pad_token_id"],
-                        proj_bias=not clip),
-        logit_scale_init=2.6592 if clip else 2.302585092994046,
-        logit_bias_init=None if clip else -10.0,  # SigLIP sec. 3.2: t = log 10, b = -10
-        image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
-        resize="shortest_edge" if clip else "square")
-
-
-def make_tiny_checkpoint(family: str, texts: list[str], out: Path, seed: int) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    if family == "clip":
-        tok = train_clip_bpe(texts, out, vocab_size=1000)
-        lengths = ClipTokenizer(out, context_length=512)(texts)[1].sum(1)
-    else:
-        tok = train_sentencepiece(texts, out, vocab_size=400)
-        lengths = SiglipTokenizer(out, context_length=512)(texts)[1].sum(1)
-    # every prompt fits; SigLIP then pads the rest, as it was trained
-    tok["context_length"] = int(lengths.max()) + (0 if family == "clip" else 4)
-    torch.manual_seed(seed)
-    save_model(DualEncoder(tiny_config(family, tok)), out)
+def demo_dataset(out: Path, seed: int = 0) -> Path:
+    generate(out, train_per_class=TRAIN_PER_CLASS, test_per_class=TEST_PER_CLASS, image_size=IMAGE_SIZE,
+             seed=seed, variation=VARIATION, overwrite=True)
     return out
 
 
-def demo_train_config(family: str, seed: int) -> TrainConfig:
-    # Trained from scratch, so a far larger lr than fine-tuning; both models get the same budget.
-    # The memory joins once the embeddings have left their random start (XBM paper sec. 4.1).
-    return TrainConfig(model=family, epochs=EPOCHS, micro_batch=64, accum_steps=1, xbm_size=256,
-                       xbm_warmup_steps=200, lr=2e-3, weight_decay=0.05, warmup_steps=50, grad_clip=1.0,
-                       precision="fp32", augment=True, workers=0, seed=seed, eval_batch=128, synthetic=True)
+def fine_tune_config(family: str, seed: int) -> TrainConfig:
+    """The study's protocol scaled down, the same for both families: same-class positives, a cross-batch
+    memory, accumulation, bf16 autocast where the CPU has it, class-balanced micro-batches and SigLIP's
+    bias started at the positive share (docs/losses.md, "Where b starts")."""
+    return TrainConfig(model=family, epochs=6, micro_batch=64, accum_steps=2, accum_mode="cached", xbm_size=256,
+                       xbm_warmup_steps=20, lr=1e-4, weight_decay=0.05, warmup_steps=5, grad_clip=1.0,
+                       precision="auto", augment=False, balanced_batches=True, logit_bias_init="auto", workers=0,
+                       seed=seed, eval_batch=128, synthetic=True)
 
 
-def train_one(family: str, data: Path, out: Path, seed: int) -> None:
-    """One model's training, in its own process: one thread each, two models on two cores."""
+def run_family(family: str, data: Path, out: Path, seed: int) -> None:
+    """One family's path, in its own process: one thread each, two families on two cores."""
+    from weights_conversion.hf import convert_hf  # har_ref's own reader of transformers' format
+
     torch.set_num_threads(1)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "train.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        texts, _ = PromptBank.from_file(None, list(CLASS_NAMES)).all_prompts()
-        weights = make_tiny_checkpoint(family, texts, out.parent / "weights" / family, seed)
-        train(demo_train_config(family, seed), weights, data, out, overwrite=True)  # a demo re-run replaces its runs
+    run = out / family
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / "demo.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        weights = convert_hf(CHECKPOINTS / family, out / "weights" / family)
+        evaluate(weights, data, out / "zero_shot" / family)
+        train(fine_tune_config(family, seed), weights, data, run, overwrite=True)  # a re-run replaces its run
+        curve = accuracy_curve(weights, run, data)
+        (run / "wise_ft.json").write_text(json.dumps({"zero_shot": str(weights), "curve": curve}, indent=2) + "\n")
 
 
 def watch(processes: dict[str, mp.Process], runs: dict[str, Path], start: float) -> None:
     """Print each run's epochs as its log.jsonl grows, until both processes end."""
     shown = dict.fromkeys(runs, 0)
-    while any(p.is_alive() for p in processes.values()) or any(
-            len(_epochs(runs[f])) > shown[f] for f in runs):
+    while any(p.is_alive() for p in processes.values()) or any(len(_epochs(runs[f])) > shown[f] for f in runs):
         for family, run in runs.items():
             for record in _epochs(run)[shown[family]:]:
                 print(f"[demo] {family:6s} epoch {record['epoch']:2d}: loss {record['loss']:.3f}, "
@@ -97,7 +78,7 @@ def watch(processes: dict[str, mp.Process], runs: dict[str, Path], start: float)
         time.sleep(1)
     for family, p in processes.items():
         if p.exitcode != 0:
-            raise RuntimeError(f"demo: training {family} failed; see {runs[family]}/train.log")
+            raise RuntimeError(f"demo: {family} failed; see {runs[family]}/demo.log")
 
 
 def _epochs(run: Path) -> list[dict]:
@@ -110,24 +91,23 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0) -> Path:
 
     out = Path(out)
     start = time.perf_counter()
-    data = out / "data"
-    generate(data, train_per_class=TRAIN_PER_CLASS, test_per_class=TEST_PER_CLASS, image_size=IMAGE_SIZE,
-             seed=seed, variation=VARIATION, overwrite=True)
+    data = demo_dataset(out / "data", seed)
     print(f"[demo] synthetic dataset: {data} ({time.perf_counter() - start:.0f} s)", flush=True)
-    runs = {family: out / family for family in ("clip", "siglip")}
+    runs = {family: out / family for family in FAMILIES}
     for run in runs.values():
         (run / "log.jsonl").unlink(missing_ok=True)
-    print("[demo] training tiny CLIP and SigLIP from scratch, in parallel (logs: "
-          f"{runs['clip']}/train.log, {runs['siglip']}/train.log)", flush=True)
+    print(f"[demo] from the shipped pretrained tiny checkpoints ({CHECKPOINTS}): convert, zero-shot, fine-tune, "
+          f"WiSE-FT, both in parallel (logs: {runs['clip']}/demo.log, {runs['siglip']}/demo.log)", flush=True)
     context = mp.get_context("spawn")
-    processes = {f: context.Process(target=train_one, args=(f, data, run, seed)) for f, run in runs.items()}
+    processes = {f: context.Process(target=run_family, args=(f, data, out, seed)) for f in FAMILIES}
     for p in processes.values():
         p.start()
     watch(processes, runs, start)
     report = compare_runs(runs["clip"], runs["siglip"], out / "report")
-    for family, run in runs.items():
-        m = json.loads((run / "metrics.json").read_text())
-        print(f"[demo] {family}: test accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} "
-              "(tiny model trained from scratch on synthetic data)")
+    for family in FAMILIES:
+        zero = json.loads((out / "zero_shot" / family / "metrics.json").read_text())
+        tuned = json.loads((runs[family] / "metrics.json").read_text())
+        print(f"[demo] {family}: zero-shot accuracy {zero['accuracy']:.3f} / macro-F1 {zero['macro_f1']:.3f}, "
+              f"fine-tuned {tuned['accuracy']:.3f} / {tuned['macro_f1']:.3f} (tiny model, synthetic data)")
     print(f"[demo] report: {report} (total {time.perf_counter() - start:.0f} s)")
     return report

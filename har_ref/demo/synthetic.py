@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import csv
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .scenes import CLASS_NAMES, SCENES, Shape, affine, hsv, random_look, rotation, shade
+from .scenes import CLASS_NAMES, SCENES, Look, Shape, affine, hsv, random_look, rotation, shade
 
-__all__ = ["CLASS_NAMES", "render", "generate", "write_flat_csv_layout"]
+__all__ = ["CLASS_NAMES", "render", "draw_scene", "generate", "write_flat_csv_layout"]
 
 SUPERSAMPLE = 2  # draw at 2x and box-downsample: anti-aliased edges at no extra dependency
 
@@ -73,6 +74,14 @@ def _draw(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
             draw.ellipse([x - r, y - r, x + r, y + r], outline=shape.color, width=max(1, round(shape.w)))
 
 
+@dataclass
+class SceneFacts:
+    """What a drawn scene shows besides its action, for captions (captions.py)."""
+    looks: tuple[Look, Look]  # the person (and the second person of fighting / hugging)
+    background: tuple  # RGB behind the people's heads
+    mirrored: bool  # flipped left-right: the person faces left
+
+
 def render(class_name: str, rng: np.random.Generator, image_size: int = 64, variation: float = 1.0) -> Image.Image:
     """One image of `class_name`, fully determined by the state of `rng`.
 
@@ -81,10 +90,17 @@ def render(class_name: str, rng: np.random.Generator, image_size: int = 64, vari
     clothes on a plain background (the pose, props, skin, hair, background colour and mirror
     still vary).
     """
+    return draw_scene(class_name, rng, image_size, variation)[0]
+
+
+def draw_scene(class_name: str, rng: np.random.Generator, image_size: int = 64,
+               variation: float = 1.0) -> tuple[Image.Image, SceneFacts]:
+    """`render`, also returning what it drew (the same draws from `rng`, so the same image)."""
     size = image_size * SUPERSAMPLE
     img = _background(rng, size, variation)
     bg = img.getpixel((size // 2, size // 4))
-    shapes = SCENES[class_name](rng, random_look(rng, bg, variation), random_look(rng, bg, variation))
+    looks = (random_look(rng, bg, variation), random_look(rng, bg, variation))
+    shapes = SCENES[class_name](rng, *looks)
     shapes = affine(shapes, rotation(variation * rng.uniform(-6, 6)))
     lo = np.min([sh.pts.min(0) - sh.r - sh.w / 2 for sh in shapes], axis=0)
     hi = np.max([sh.pts.max(0) + sh.r + sh.w / 2 for sh in shapes], axis=0)
@@ -94,10 +110,11 @@ def render(class_name: str, rng: np.random.Generator, image_size: int = 64, vari
     for shape in affine(shapes, np.eye(2) * scale, offset):
         _draw(draw, shape)
     img = img.reduce(SUPERSAMPLE)
-    if rng.random() < 0.5:
+    mirrored = bool(rng.random() < 0.5)
+    if mirrored:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     pixels = np.asarray(img, np.float32) + rng.normal(0, variation * rng.uniform(2, 6), (image_size, image_size, 3))
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), SceneFacts(looks, bg, mirrored)
 
 
 def _rng(seed: int, split: str, class_id: int, index: int) -> np.random.Generator:

@@ -173,3 +173,22 @@ def plot_reliability(data_by_model: dict[str, dict], path, title: str = "Reliabi
         points = [chart.px(c, a) for c, a, n in zip(data["confidence"], data["accuracy"], data["count"]) if n > 0]
         _polyline(draw, points, colors[name])
     return save_png(chart.canvas, path)
+
+
+def plot_wise_ft(curves: dict[str, Sequence[tuple[float, float]]], path,
+                 title: str = "WiSE-FT: test accuracy along the line from zero-shot to fine-tuned") -> Image.Image:
+    """One line per model: accuracy (y) of the weight-space mix at alpha (x; 0 zero-shot, 1 fine-tuned)."""
+    if not curves or not all(len(curve) for curve in curves.values()):
+        raise ValueError("plot_wise_ft needs at least one model with at least one (alpha, accuracy) point.")
+    colors = model_colors(list(curves))
+    values = [acc for curve in curves.values() for _, acc in curve]
+    y_ticks = nice_ticks(min(values), max(values))
+    x_ticks = [i / 10 for i in range(11)]
+    digits = tick_decimals(y_ticks)
+    chart = _new_chart(title, [(name, colors[name], "line") for name in curves], x_ticks, y_ticks,
+                       [f"{t:g}" for t in x_ticks], [f"{t:.{digits}f}" for t in y_ticks],
+                       "alpha (0 = zero-shot, 1 = fine-tuned)", "Test accuracy", (-0.04, 1.04), (y_ticks[0], y_ticks[-1]))
+    draw = ImageDraw.Draw(chart.canvas)
+    for name, curve in curves.items():
+        _polyline(draw, [chart.px(alpha, acc) for alpha, acc in curve], colors[name])
+    return save_png(chart.canvas, path)

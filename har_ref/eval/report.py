@@ -19,7 +19,7 @@ import numpy as np
 from .compare_viz import compare_grid, compare_panel
 from .run_results import RunResults, align, load_run
 from .metrics import compute_metrics, mcnemar_exact, paired_bootstrap, reliability_diagram_data, softmax
-from .charts import plot_epoch_times, plot_loss_curves, plot_reliability
+from .charts import plot_epoch_times, plot_loss_curves, plot_reliability, plot_wise_ft
 from .plots import display_name, plot_confusion
 from ..model.transforms import load_image
 
@@ -108,6 +108,9 @@ def draw_pictures(a: RunResults, b: RunResults, names: tuple[str, str], numbers:
         plot_loss_curves({n: [r["loss"] for r in log] for n, log in logs.items()}, out_dir / "loss_curves.png")
         plot_epoch_times({n: training_summary(log)["mean_epoch_time_s"] for n, log in logs.items()},
                          out_dir / "epoch_times.png")
+    if a.wise_ft and b.wise_ft:
+        plot_wise_ft({name: [(p["alpha"], p["accuracy"]) for p in run.wise_ft] for name, run in zip(names, (a, b))},
+                     out_dir / "wise_ft.png")
     plot_reliability({name: numbers["reliability"][key] for key, name in zip(("a", "b"), names)},
                      out_dir / "reliability.png")
     files["calibration"] = ["reliability.png"]
@@ -204,6 +207,37 @@ def summary_paragraph(names: tuple[str, str], numbers: dict, class_names: list[s
     return " ".join(lines)
 
 
+def miniature_study(names: tuple[str, str], runs: tuple[RunResults, RunResults]) -> list[str]:
+    """Zero-shot (alpha 0) and fine-tuned (alpha 1) rows per family, the gain, WiSE-FT's best mix."""
+    rows = []
+    for name, run in zip(names, runs):
+        zero, tuned = run.wise_ft[0], run.wise_ft[-1]
+        best = max(run.wise_ft, key=lambda p: (p["accuracy"], -abs(p["alpha"] - 0.5)))
+        rows.append([name, f"{_f(zero['accuracy'])} / {_f(zero['macro_f1'])}",
+                     f"{_f(tuned['accuracy'])} / {_f(tuned['macro_f1'])}",
+                     f"{_d(tuned['accuracy'] - zero['accuracy'])} / {_d(tuned['macro_f1'] - zero['macro_f1'])}",
+                     f"{best['alpha']:g}: {_f(best['accuracy'])}"])
+    return (["## Zero-shot, fine-tuned, and in between (WiSE-FT)", "",
+             "Each model's own pretrained checkpoint scored zero-shot (alpha = 0), after fine-tuning (alpha = 1), "
+             "and the weight-space mixes (1 − alpha)·zero-shot + alpha·fine-tuned (Wortsman et al. 2022) in "
+             "steps of 0.1, on the same test images with the same prompts.", ""]
+            + _table(["Model", "Zero-shot acc. / macro-F1", "Fine-tuned acc. / macro-F1", "Gain",
+                      "Best alpha: acc."], rows) + [""]
+            + _picture("wise_ft.png", "Test accuracy of the weight-space mix, from zero-shot (0) to fine-tuned (1)"))
+
+
+def memory_note(a: RunResults, b: RunResults) -> str:
+    """Where the cross-batch memory joins: from then on each row is scored against B + M candidates,
+    so a loss (a sum over candidates) jumps there without the model getting worse."""
+    joins = {r.name: next((rec["epoch"] for rec in r.log if rec.get("memory_rows")), None) for r in (a, b) if r.log}
+    joins = {name: epoch for name, epoch in joins.items() if epoch}
+    if not joins:
+        return ""
+    where = ", ".join(f"{name} in epoch {epoch}" for name, epoch in joins.items())
+    return (f" (the cross-batch memory joins {where}: from then on each row also scores the memory's rows, "
+            "so the loss jumps there without the model getting worse)")
+
+
 def write_markdown(path: Path, a: RunResults, b: RunResults, names: tuple[str, str], numbers: dict,
                    files: dict[str, list], per_category: int) -> None:
     classes = a.class_names
@@ -212,7 +246,7 @@ def write_markdown(path: Path, a: RunResults, b: RunResults, names: tuple[str, s
     out = [f"# {names[0]} vs {names[1]}: human action recognition test set", ""]
     if a.synthetic or b.synthetic:
         out += ["> **SYNTHETIC DEMO — NOT A RESULT ABOUT CLIP OR SIGLIP.** These are tiny models trained "
-                "from scratch on synthetic cartoon images (train_config.json has `\"synthetic\": true`). "
+                "on synthetic cartoon images (train_config.json has `\"synthetic\": true`). "
                 "The numbers exercise the pipeline and say nothing about real CLIP or SigLIP.", ""]
     out += ["## Where the numbers come from", ""]
     for key, name, run in (("A", names[0], a), ("B", names[1], b)):
@@ -226,6 +260,8 @@ def write_markdown(path: Path, a: RunResults, b: RunResults, names: tuple[str, s
             f"ECE: softmax of the logits in predictions.csv, {ECE_BINS} equal-width bins (Guo et al. 2017).", "",
             "## What this shows", "", summary_paragraph(names, numbers, classes, summaries), ""]
 
+    if a.wise_ft and b.wise_ft:
+        out += miniature_study(names, (a, b))
     out += ["## Table 1: Overall metrics", ""]
     out += _table(["Model", "Macro precision", "Macro recall", "Macro F1", "Accuracy"],
                   [[n, _f(m["macro_precision"]), _f(m["macro_recall"]), _f(m["macro_f1"]), _f(m["accuracy"])]
@@ -282,7 +318,7 @@ def write_markdown(path: Path, a: RunResults, b: RunResults, names: tuple[str, s
         if a.family != b.family and len(summaries) == 2:
             out += ["The two losses are different objectives (CLIP: softmax InfoNCE, SigLIP: pairwise "
                     "sigmoid), so their levels are not comparable; compare the shapes of the curves.", ""]
-        out += _picture("loss_curves.png", "Training loss per epoch")
+        out += _picture("loss_curves.png", "Training loss per epoch" + memory_note(a, b))
         out += _picture("epoch_times.png", "Average wall-clock time per epoch (lower is faster)")
 
     out += ["## Same images, both models", "",

@@ -106,7 +106,8 @@ def train_epoch(run: Run, state: TrainState) -> dict:
               "lr": state.scheduler.get_last_lr()[0], "logit_scale": run.model.logit_scale.item(),
               "logit_bias": None if run.model.logit_bias is None else run.model.logit_bias.item(),
               "step": state.step, "nonfinite_losses": state.nonfinite.total, "skipped_steps": state.skipped_steps,
-              "skipped_images": len(getattr(run.dataset, "skipped", []))}
+              "skipped_images": len(getattr(run.dataset, "skipped", [])),
+              "memory_rows": 0 if state.xbm is None or state.xbm.get() is None else state.xbm.filled}
     state.epoch += 1
     state.batch_in_epoch, state.epoch_losses, state.skipped_steps, state.nonfinite.total = 0, [], 0, 0
     return record

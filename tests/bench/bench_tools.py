@@ -164,7 +164,7 @@ def bench_accumulation(work: Path, rounds: int, micro_batch: int = 8, accum_step
     micro-batch) against cached (GradCache: one problem over all, at the price of a no-grad forward
     of every micro-batch, the loss on the cached embeddings, and a second forward with grad)."""
     from har_ref.data.prompts import PromptBank
-    from har_ref.demo.demo import make_tiny_checkpoint
+    from har_ref.demo.tiny import make_tiny_checkpoint
     from har_ref.demo.synthetic import generate
     from har_ref.train import loop
     from har_ref.train.config import TrainConfig

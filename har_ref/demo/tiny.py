@@ -1,0 +1,52 @@
+"""The demo's tiny dual encoders: each family's real architecture switches at ~0.35 M parameters.
+
+`tiny_config` is shared by the pretraining (pretrain.py) and by tests, which also use
+`make_tiny_checkpoint`: a tiny model with random weights and a tokenizer trained on given texts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..model.config import ModelConfig, TextConfig, VisionConfig
+from ..model.dual_encoder import DualEncoder, save_model
+from ..model.tokenizer import ClipTokenizer, SiglipTokenizer
+from .tokenizer_training import train_clip_bpe, train_sentencepiece
+
+IMAGE_SIZE = 64  # synthetic images are drawn at this size; both tiny ViTs take it as is
+
+
+def tiny_config(family: str, tok: dict) -> ModelConfig:
+    """A ~0.3 M parameter dual encoder with each family's real architecture switches."""
+    clip = family == "clip"
+    width = 64
+    return ModelConfig(
+        family=family, embed_dim=64 if clip else width,
+        vision=VisionConfig(image_size=IMAGE_SIZE, patch_size=8, width=width, layers=3, heads=4, mlp_dim=4 * width,
+                            act="quick_gelu" if clip else "gelu_tanh", ln_eps=1e-5 if clip else 1e-6,
+                            pool="cls" if clip else "map", patch_bias=not clip),
+        text=TextConfig(vocab_size=tok["vocab_size"], context_length=tok["context_length"], width=width, layers=2, heads=4,
+                        mlp_dim=4 * width, act="quick_gelu" if clip else "gelu_tanh",
+                        ln_eps=1e-5 if clip else 1e-6, causal=clip, pool="eos" if clip else "last",
+                        eos_token_id=tok["eos_token_id"], eos_by_argmax=clip, pad_token_id=tok["pad_token_id"],
+                        proj_bias=not clip),
+        logit_scale_init=2.6592 if clip else 2.302585092994046,
+        logit_bias_init=None if clip else -10.0,  # SigLIP sec. 3.2: t = log 10, b = -10
+        image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+        resize="shortest_edge" if clip else "square")
+
+
+def make_tiny_checkpoint(family: str, texts: list[str], out: Path, seed: int) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    if family == "clip":
+        tok = train_clip_bpe(texts, out, vocab_size=1000)
+        lengths = ClipTokenizer(out, context_length=512)(texts)[1].sum(1)
+    else:
+        tok = train_sentencepiece(texts, out, vocab_size=400)
+        lengths = SiglipTokenizer(out, context_length=512)(texts)[1].sum(1)
+    # every prompt fits; SigLIP then pads the rest, as it was trained
+    tok["context_length"] = int(lengths.max()) + (0 if family == "clip" else 4)
+    torch.manual_seed(seed)
+    save_model(DualEncoder(tiny_config(family, tok)), out)
+    return out
