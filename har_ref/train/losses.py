@@ -190,22 +190,27 @@ def siglip_loss(
 # They build full [B, B+M] float matrices and copy the memory; tests/test_losses.py checks the
 # optimized functions above against them (values and gradients, float64).
 
+def _plain_pairs(image_emb, text_emb, labels, memory_image, memory_text, memory_labels):
+    """Unit embeddings, unit candidates [batch; memory] and the [B, B+M] positive mask as floats."""
+    if labels is None:  # pair i is its own class; memory rows match nothing
+        labels = torch.arange(image_emb.shape[0], device=image_emb.device)
+        memory_labels = None if memory_image is None else labels.new_full((len(memory_image),), -1)
+    img, txt = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
+    img_candidates, txt_candidates, candidate_labels = img, txt, labels
+    if memory_image is not None:
+        img_candidates = torch.cat([img, F.normalize(memory_image, dim=-1)])
+        txt_candidates = torch.cat([txt, F.normalize(memory_text, dim=-1)])
+        candidate_labels = torch.cat([labels, memory_labels])
+    positives = (labels[:, None] == candidate_labels[None, :]).to(img.dtype)
+    return img, txt, img_candidates, txt_candidates, positives
+
+
 def clip_loss_plain(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, labels: Tensor | None = None,
                     memory_image: Tensor | None = None, memory_text: Tensor | None = None,
                     memory_labels: Tensor | None = None) -> Tensor:
     """Symmetric InfoNCE (CLIP paper, Fig. 3), targets uniform over each row's positives: `clip_loss`, plainly."""
-    n = image_emb.shape[0]
-    if labels is None:  # pair i is its own class; memory rows match nothing
-        labels = torch.arange(n, device=image_emb.device)
-        memory_labels = None if memory_image is None else labels.new_full((len(memory_image),), -1)
-    img, txt = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
-    if memory_image is not None:  # candidates: [batch; memory]
-        img_candidates = torch.cat([img, F.normalize(memory_image, dim=-1)])
-        txt_candidates = torch.cat([txt, F.normalize(memory_text, dim=-1)])
-        candidate_labels = torch.cat([labels, memory_labels])
-    else:
-        img_candidates, txt_candidates, candidate_labels = img, txt, labels
-    positives = (labels[:, None] == candidate_labels[None, :]).to(img.dtype)  # [B, B+M]
+    img, txt, img_candidates, txt_candidates, positives = _plain_pairs(
+        image_emb, text_emb, labels, memory_image, memory_text, memory_labels)
     targets = positives / positives.sum(dim=1, keepdim=True)
     logits_per_image = logit_scale.exp() * img @ txt_candidates.T
     logits_per_text = logit_scale.exp() * txt @ img_candidates.T
@@ -220,17 +225,8 @@ def siglip_loss_plain(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, 
                       memory_labels: Tensor | None = None) -> Tensor:
     """SigLIP eq. 1, -1/n sum_ij w_ij log sigmoid(z_ij (t x_i . y_j + b)), both ways: `siglip_loss`, plainly."""
     n = image_emb.shape[0]
-    if labels is None:  # pair i is its own class; memory rows match nothing
-        labels = torch.arange(n, device=image_emb.device)
-        memory_labels = None if memory_image is None else labels.new_full((len(memory_image),), -1)
-    zimg, ztxt = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
-    if memory_image is not None:  # candidates: [batch; memory]
-        img_candidates = torch.cat([zimg, F.normalize(memory_image, dim=-1)])
-        txt_candidates = torch.cat([ztxt, F.normalize(memory_text, dim=-1)])
-        candidate_labels = torch.cat([labels, memory_labels])
-    else:
-        img_candidates, txt_candidates, candidate_labels = zimg, ztxt, labels
-    positives = (labels[:, None] == candidate_labels[None, :]).to(zimg.dtype)  # [B, B+M]
+    zimg, ztxt, img_candidates, txt_candidates, positives = _plain_pairs(
+        image_emb, text_emb, labels, memory_image, memory_text, memory_labels)
     z = 2 * positives - 1  # +1 on positives, -1 elsewhere (big_vision: 2 * eye(n) - 1)
     weights = 1 + ((pos_weight or 1.0) - 1) * positives  # pos_weight on positives, 1 elsewhere
     logits_per_image = logit_scale.exp() * zimg @ txt_candidates.T + logit_bias
