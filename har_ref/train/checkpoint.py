@@ -129,7 +129,8 @@ def load(run: Path, model: DualEncoder, state: TrainState,
     state.epoch, state.step, state.micro_step = saved["epoch"], saved["step"], saved["micro_step"]
     state.batch_in_epoch, state.epoch_losses = saved["batch_in_epoch"], list(saved["epoch_losses"])
     state.skipped_steps = saved["skipped_steps"]
-    truncate_log(run / "log.jsonl", state.epoch)
+    if dist.rank() == 0:  # one writer: two ranks replacing log.jsonl at once can fail
+        truncate_log(run / "log.jsonl", state.epoch)
     print(f"[train] resumed from {ckpt} at epoch {state.epoch + 1}, micro-batch {state.batch_in_epoch}, "
           f"optimizer step {state.step}")
     return state
