@@ -1,4 +1,4 @@
-"""GPU training throughput and model FLOPs utilization: `python tests/bench/bench_gpu.py` (issue 5).
+"""GPU training throughput and model FLOPs utilization: `python tests/bench/bench_gpu.py`.
 
 A benchmark, not a test (pytest does not collect it). For CLIP ViT-B/32 and SigLIP base/16-224 at
 their real sizes, one full training step exactly as train.py takes it: both towers through
