@@ -80,22 +80,23 @@ class VisionTransformer(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, embed_dim]: the patch embeddings (ViT eq. 1), then the family's path."""
         p = self.cfg.patch_size
-        patches = self.embed_patches(pixel_values)  # each p x p patch, flattened, times E: [B, N, D]
         positions = self.position_embedding(pixel_values.shape[-2] // p, pixel_values.shape[-1] // p)
-        return self.path(patches, positions.to(patches.dtype))
+        # each p x p patch, flattened, times E: [B, N, D]; passed on without a name here, so that the
+        # paths' rebinding of x frees it (inference keeps one activation alive at a time)
+        return self.path(self.embed_patches(pixel_values), positions)
 
-    def clip_path(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def clip_path(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """CLIP: ln_pre([class; patches] + pos) -> blocks -> the class token's state -> ln_post -> proj."""
-        B, _, D = patches.shape
-        x = torch.cat([self.class_token.expand(B, 1, D).to(patches.dtype), patches], dim=1) + positions
+        B, _, D = x.shape
+        x = torch.cat([self.class_token.expand(B, 1, D).to(x.dtype), x], dim=1) + positions.to(x.dtype)
         x = self.ln_pre(x)
         # self.transformer(x)[:, 0], computing only the class token's row in the last block (layers.py).
         cls = transformer_at_rows(self.transformer, x, torch.zeros(B, dtype=torch.long, device=x.device))
         return self.proj(self.ln_post(cls))
 
-    def siglip_path(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def siglip_path(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """SigLIP: patches + pos -> blocks -> ln_post -> the MAP head, which attends to every token."""
-        x = self.transformer(patches + positions)
+        x = self.transformer(x + positions.to(x.dtype))
         return self.head(self.ln_post(x))
 
     def position_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:

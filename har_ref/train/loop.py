@@ -177,8 +177,7 @@ def cached_step(run: Run, state: TrainState, batches: list[MicroBatch]) -> float
     image = at_least_fp32(torch.cat([e[0] for e in embs])).requires_grad_()
     text = at_least_fp32(torch.cat([e[1] for e in embs])).requires_grad_()
     labels = torch.cat([batch.labels for batch in batches])
-    loss = contrastive_loss(run, state, image, text, labels)
-    state.scaler.scale(loss).backward()  # d loss / d embeddings, and the logit scale/bias grads
+    loss = loss_backward_by_blocks(run, state, image, text, labels)  # d loss / d embeddings, and t's and b's
     loss_params = [p for p in (run.model.logit_scale, run.model.logit_bias) if p is not None and p.grad is not None]
     loss_grads = [p.grad for p in loss_params]
     for p in loss_params:
@@ -196,7 +195,43 @@ def cached_step(run: Run, state: TrainState, batches: list[MicroBatch]) -> float
             chained.backward()
         start = end
     remember(state, image, text, labels)
-    return loss.item()
+    return loss
+
+
+def loss_backward_by_blocks(run: Run, state: TrainState, image: torch.Tensor, text: torch.Tensor,
+                            labels: torch.Tensor) -> float:
+    """contrastive_loss of all the step's rows and its backward, one micro-batch of anchors at a time.
+
+    Both losses are means over their anchors, each anchor scored against every candidate. So the loss
+    of n anchors is the size-weighted mean of the losses of its blocks, each block's anchors scored
+    against the same candidates (the block itself, the rest of the step's rows, other ranks' rows,
+    the memory), and so are the gradients: one block's [B, N] logits are alive at a time instead of
+    the [n, N] of all K micro-batches. The other ranks' rows are gathered once; their gradients are
+    collected over the blocks and sent back through the gather once, at the end."""
+    n, B = image.shape[0], run.cfg.micro_batch
+    if n <= B:
+        loss = contrastive_loss(run, state, image, text, labels)
+        state.scaler.scale(loss).backward()
+        return loss.item()
+    gathered = [dist.gather_from_other_ranks(x) for x in (image, text)] if dist.is_distributed() else []
+    other_rows = [x.detach().requires_grad_() for x in gathered]
+    other_labels = dist.gather_from_other_ranks(labels) if gathered else None
+    memory = state.xbm.get() if state.xbm is not None else None
+    total = 0.0
+    for start in range(0, n, B):
+        end = min(start + B, n)
+        parts = [tuple(torch.cat([x[:start], x[end:]]) for x in (image, text, labels))]  # the step's other rows
+        if gathered:
+            parts.append((*other_rows, other_labels))
+        if memory is not None:
+            parts.append(tuple(memory))
+        candidates = tuple(torch.cat(columns) for columns in zip(*parts))
+        loss = run.loss(image[start:end], text[start:end], labels[start:end], candidates) * ((end - start) / n)
+        state.scaler.scale(loss).backward()
+        total += loss.item()
+    if gathered:
+        torch.autograd.backward(gathered, [x.grad for x in other_rows])
+    return total
 
 
 def optimizer_step(run: Run, state: TrainState) -> None:
