@@ -26,6 +26,7 @@ from ..eval.evaluate import evaluate
 from ..eval.wise_ft import accuracy_curve
 from ..train.config import TrainConfig
 from ..train.loop import train
+from ..train.optim import autocast, resolve_precision
 from .pretrain import CHECKPOINTS
 from .synthetic import generate
 from .tiny import IMAGE_SIZE
@@ -60,10 +61,12 @@ def run_family(family: str, data: Path, out: Path, seed: int) -> None:
     run = out / family
     run.mkdir(parents=True, exist_ok=True)
     with open(run / "demo.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        cfg, cpu = fine_tune_config(family, seed), torch.device("cpu")
+        precision = autocast(resolve_precision(cfg.precision, cpu), cpu)  # every score in the run's precision
         weights = convert_hf(CHECKPOINTS / family, out / "weights" / family)
-        evaluate(weights, data, out / "zero_shot" / family)
-        train(fine_tune_config(family, seed), weights, data, run, overwrite=True)  # a re-run replaces its run
-        curve = accuracy_curve(weights, run, data)
+        evaluate(weights, data, out / "zero_shot" / family, autocast=precision)
+        train(cfg, weights, data, run, overwrite=True)  # a re-run replaces its run
+        curve = accuracy_curve(weights, run, data, autocast=precision)
         (run / "wise_ft.json").write_text(json.dumps({"zero_shot": str(weights), "curve": curve}, indent=2) + "\n")
 
 

@@ -72,10 +72,12 @@ def evaluate_model(model: DualEncoder, tokenizer, data_dir: str | Path, out_dir:
 
 
 def evaluate(weights: str | Path, data_dir: str | Path, out_dir: str | Path, prompts=None,
-             batch_size: int = 64, workers: int = 0, device: str = "cpu") -> dict:
+             batch_size: int = 64, workers: int = 0, device: str = "cpu", autocast=None) -> dict:
     """`python -m har_ref evaluate`: a converted pretrained checkpoint (zero-shot) or a run directory
-    (scored with the template bank it was trained with, its prompts.json, unless --prompts is given)."""
+    (scored with the template bank it was trained with, its prompts.json, unless --prompts is given).
+    `autocast`: the image tower's precision context (None: fp32), e.g. to match a training run's."""
     model = load_model(weights, device=device)
     if prompts is None and (Path(weights) / "prompts.json").is_file():
         prompts = Path(weights) / "prompts.json"
-    return evaluate_model(model, load_tokenizer(weights), data_dir, out_dir, prompts, batch_size, workers)
+    return evaluate_model(model, load_tokenizer(weights), data_dir, out_dir, prompts, batch_size, workers,
+                          autocast=autocast)

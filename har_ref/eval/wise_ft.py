@@ -61,8 +61,10 @@ def wise_ft(zero_shot: str | Path, fine_tuned: str | Path, alpha: float, out: st
 
 @torch.no_grad()
 def accuracy_curve(zero_shot: str | Path, fine_tuned: str | Path, data: str | Path,
-                   alphas=ALPHAS, batch_size: int = 128) -> list[dict]:
-    """Test accuracy and macro-F1 of theta(alpha) for each alpha, with the fine-tuned run's prompts."""
+                   alphas=ALPHAS, batch_size: int = 128, autocast=None) -> list[dict]:
+    """Test accuracy and macro-F1 of theta(alpha) for each alpha, with the fine-tuned run's prompts.
+    `autocast`: the image tower's precision, as the run's own evaluation used it (then alpha = 1
+    reproduces the run's metrics.json exactly)."""
     fine_tuned = Path(fine_tuned)
     a, b = load_model(zero_shot), load_model(fine_tuned)
     tokenizer = load_tokenizer(fine_tuned)
@@ -73,7 +75,7 @@ def accuracy_curve(zero_shot: str | Path, fine_tuned: str | Path, data: str | Pa
     curve = []
     for alpha in alphas:
         model = interpolate(a, b, alpha)
-        image_emb, labels, _ = embed_images(model, loader)
+        image_emb, labels, _ = embed_images(model, loader, autocast)
         logits = model.score(image_emb, class_embeddings(model, tokenizer, bank, class_names))
         m = compute_metrics(labels, logits.argmax(1).numpy(), class_names)
         curve.append({"alpha": alpha, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
