@@ -17,8 +17,6 @@ REPORT_EXAMPLES = 5  # how many offending rows/files the prepare report lists pe
 
 # ---------------------------------------------------------------- preparing the splits
 
-
-
 def label_problem(label: str) -> str | None:
     """Why `label` cannot be a class folder name, or None when it can.
 
