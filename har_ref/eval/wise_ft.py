@@ -18,13 +18,11 @@ import torch
 from ..data.folders import ImageFolderDataset, build_splits, make_eval_loader
 from ..data.prompts import PromptBank
 from ..model.dual_encoder import DualEncoder, load_model, save_model
-from ..model.tokenizer import load_tokenizer
+from ..model.tokenizer import TOKENIZER_FILES, load_tokenizer
 from ..model.transforms import build_transform
 from .embed import class_embeddings, embed_images
 from .metrics import compute_metrics
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "spiece.model", "tokenizer_config.json",
-                   "special_tokens_map.json")
 RUN_LABEL_FILES = ("classes.json", "prompts.json")  # a run's label space travels with its weights
 ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 

@@ -44,6 +44,10 @@ SPIECE_UNDERLINE = "\u2581"  # SentencePiece's visible space "▁"
 SIGLIP_EOS = "</s>"
 SIGLIP_UNK = "<unk>"
 
+# The files a checkpoint directory keeps its tokenizer in; they travel with the weights (runs, WiSE-FT mixes).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "spiece.model", "tokenizer_config.json",
+                   "special_tokens_map.json")
+
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's map from each byte to a printable character: printable Latin-1 bytes map to

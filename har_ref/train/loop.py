@@ -38,6 +38,7 @@ import torch
 from .. import distributed as dist
 from ..eval.evaluate import evaluate_model
 from ..model.dual_encoder import save_model
+from ..model.tokenizer import TOKENIZER_FILES
 from . import checkpoint
 from .config import TrainConfig
 from .faults import TrainingStopped
@@ -45,9 +46,6 @@ from .losses import clamp_logit_scale_
 from .optim import autocast
 from .setup import setup
 from .state import MicroBatch, Run, TrainState
-
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "spiece.model", "tokenizer_config.json",
-                   "special_tokens_map.json")
 
 
 def train(cfg: TrainConfig, weights, data, out, resume: bool = False, overwrite: bool = False) -> dict:
