@@ -117,13 +117,16 @@ def contrastive_loss(run: Run, state: TrainState, image: torch.Tensor, text: tor
                      labels: torch.Tensor) -> torch.Tensor:
     """The loss of local anchors against every candidate: local rows, other ranks' rows, the memory."""
     image, text = at_least_fp32(image), at_least_fp32(text)  # sums of up to 32k exponentials
-    extra = [(dist.gather_from_other_ranks(image), dist.gather_from_other_ranks(text),
-              dist.gather_from_other_ranks(labels))] if dist.is_distributed() else []
+    others = [tuple(dist.gather_from_other_ranks(x) for x in (image, text, labels))] if dist.is_distributed() else []
+    return run.loss(image, text, labels, extra_candidates(state, others))
+
+
+def extra_candidates(state: TrainState, parts: list[tuple]) -> tuple:
+    """The loss's candidates besides the anchors' own rows: the given (images, texts, labels) parts and
+    the memory, concatenated; three Nones when there are none."""
     memory = state.xbm.get() if state.xbm is not None else None
-    if memory is not None:
-        extra.append(tuple(memory))
-    candidates = tuple(torch.cat(parts) for parts in zip(*extra)) if extra else (None, None, None)
-    return run.loss(image, text, labels, candidates)
+    parts = parts + ([tuple(memory)] if memory is not None else [])
+    return tuple(torch.cat(columns) for columns in zip(*parts)) if parts else (None, None, None)
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -213,17 +216,12 @@ def loss_backward_by_blocks(run: Run, state: TrainState, image: torch.Tensor, te
         return loss.item()
     gathered = [dist.gather_from_other_ranks(x) for x in (image, text)] if dist.is_distributed() else []
     other_rows = [x.detach().requires_grad_() for x in gathered]
-    other_labels = dist.gather_from_other_ranks(labels) if gathered else None
-    memory = state.xbm.get() if state.xbm is not None else None
+    others = [(*other_rows, dist.gather_from_other_ranks(labels))] if gathered else []
     total = 0.0
     for start in range(0, n, B):
         end = min(start + B, n)
-        parts = [tuple(torch.cat([x[:start], x[end:]]) for x in (image, text, labels))]  # the step's other rows
-        if gathered:
-            parts.append((*other_rows, other_labels))
-        if memory is not None:
-            parts.append(tuple(memory))
-        candidates = tuple(torch.cat(columns) for columns in zip(*parts))
+        rest = tuple(torch.cat([x[:start], x[end:]]) for x in (image, text, labels))  # the step's other rows
+        candidates = extra_candidates(state, [rest] + others)
         loss = run.loss(image[start:end], text[start:end], labels[start:end], candidates) * ((end - start) / n)
         state.scaler.scale(loss).backward()
         total += loss.item()
