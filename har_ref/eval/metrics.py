@@ -193,6 +193,16 @@ def _difference_summary(observed_a: float, observed_b: float, differences: np.nd
     }
 
 
+def _seed_rows(y_true, pred, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Predictions as [S, N] (one row per seed; a 1-D array is one seed), checked against y_true [N]."""
+    pred = np.asarray(pred)
+    rows = pred.reshape(1, -1) if pred.ndim == 1 else pred
+    if rows.ndim != 2 or rows.shape[0] == 0:
+        raise ValueError(f"predictions must be [N] or [seeds, N] class indices, got shape {pred.shape}.")
+    checked = [_check_labels(y_true, row, num_classes) for row in rows]
+    return checked[0][0], np.stack([p for _, p in checked])
+
+
 def paired_bootstrap(
     y_true,
     pred_a,
@@ -207,33 +217,60 @@ def paired_bootstrap(
     that same draw, so the CI reflects the paired design (Efron & Tibshirani 1993;
     Koehn 2004). `fraction_difference_le_0` estimates how often b fails to beat a
     (a one-sided bootstrap p-value for "b > a"). A positive difference means b is better.
+
+    Several seeds: pred_a and pred_b may be [S, N], row k of each a run with seed k. Every
+    resample then scores each seed pair on the SAME draw of images and averages the S
+    differences, so the CI covers the test images' sampling of the mean over seeds.
     """
     num_classes = len(class_names)
-    y_true, pred_a = _check_labels(y_true, pred_a, num_classes)
-    _, pred_b = _check_labels(y_true, pred_b, num_classes)
+    y_true, pred_a = _seed_rows(y_true, pred_a, num_classes)
+    _, pred_b = _seed_rows(y_true, pred_b, num_classes)
+    if pred_a.shape != pred_b.shape:
+        raise ValueError(f"pred_a and pred_b must pair seed by seed, got shapes {pred_a.shape} and {pred_b.shape}.")
     if y_true.size == 0 or n_resamples < 1:
         raise ValueError("paired_bootstrap needs at least one test image and one resample.")
-    observed = {
-        name: compute_metrics(y_true, pred, class_names) for name, pred in (("a", pred_a), ("b", pred_b))
-    }
+    observed = {name: np.mean([[m["macro_f1"], m["accuracy"]]
+                               for m in (compute_metrics(y_true, row, class_names) for row in pred)], axis=0)
+                for name, pred in (("a", pred_a), ("b", pred_b))}
     rng = np.random.default_rng(seed)
     f1_diffs, acc_diffs = [], []
     for idx in bootstrap_indices(rng, y_true.size, n_resamples):
-        f1_a, acc_a = _batched_scores(y_true[idx], pred_a[idx], num_classes)
-        f1_b, acc_b = _batched_scores(y_true[idx], pred_b[idx], num_classes)
-        f1_diffs.append(f1_b - f1_a)
-        acc_diffs.append(acc_b - acc_a)
+        f1_diff, acc_diff = 0.0, 0.0
+        for row_a, row_b in zip(pred_a, pred_b):  # the same draw for every seed pair
+            f1_a, acc_a = _batched_scores(y_true[idx], row_a[idx], num_classes)
+            f1_b, acc_b = _batched_scores(y_true[idx], row_b[idx], num_classes)
+            f1_diff, acc_diff = f1_diff + (f1_b - f1_a), acc_diff + (acc_b - acc_a)
+        f1_diffs.append(f1_diff / len(pred_a))
+        acc_diffs.append(acc_diff / len(pred_a))
     return {
         "direction": "b - a",
         "n_resamples": int(n_resamples),
         "seed": int(seed),
-        "macro_f1": _difference_summary(
-            observed["a"]["macro_f1"], observed["b"]["macro_f1"], np.concatenate(f1_diffs)
-        ),
-        "accuracy": _difference_summary(
-            observed["a"]["accuracy"], observed["b"]["accuracy"], np.concatenate(acc_diffs)
-        ),
+        "seeds": int(len(pred_a)),
+        "macro_f1": _difference_summary(observed["a"][0], observed["b"][0], np.concatenate(f1_diffs)),
+        "accuracy": _difference_summary(observed["a"][1], observed["b"][1], np.concatenate(acc_diffs)),
     }
+
+
+def bootstrap_ci(y_true, pred, class_names: Sequence[str], n_resamples: int = 10_000, seed: int = 0) -> dict:
+    """95% percentile bootstrap CI of one model's macro-F1 and accuracy (the mean over seeds when
+    pred is [S, N]; every seed scored on the same draw of test images, as in paired_bootstrap)."""
+    num_classes = len(class_names)
+    y_true, pred = _seed_rows(y_true, pred, num_classes)
+    if y_true.size == 0 or n_resamples < 1:
+        raise ValueError("bootstrap_ci needs at least one test image and one resample.")
+    rng = np.random.default_rng(seed)
+    f1s, accs = [], []
+    for idx in bootstrap_indices(rng, y_true.size, n_resamples):
+        scores = [_batched_scores(y_true[idx], row[idx], num_classes) for row in pred]
+        f1s.append(np.mean([f1 for f1, _ in scores], axis=0))
+        accs.append(np.mean([acc for _, acc in scores], axis=0))
+    out = {}
+    for name, resampled in (("macro_f1", np.concatenate(f1s)), ("accuracy", np.concatenate(accs))):
+        observed = np.mean([compute_metrics(y_true, row, class_names)[name] for row in pred])
+        low, high = np.percentile(resampled, [2.5, 97.5])
+        out[name] = {"value": float(observed), "ci95": [float(low), float(high)]}
+    return out
 
 
 def mcnemar_exact(y_true, pred_a, pred_b) -> dict:
@@ -242,11 +279,13 @@ def mcnemar_exact(y_true, pred_a, pred_b) -> dict:
     b = a right & b wrong, c = a wrong & b right. Under H0 the b+c discordant
     images split 50/50, so p = min(1, 2 * P[Binomial(b+c, 1/2) <= min(b, c)]).
     The sum is done in exact integer arithmetic (math.comb), so n ~ 2000 is safe.
+    With [S, N] predictions (seed k of a against seed k of b) the discordant pairs are
+    pooled over the S seed pairs.
     """
     y_true, pred_a, pred_b = (np.asarray(v) for v in (y_true, pred_a, pred_b))
-    if not (y_true.shape == pred_a.shape == pred_b.shape) or y_true.ndim != 1:
+    if y_true.ndim != 1 or pred_a.shape != pred_b.shape or pred_a.shape[-1:] != y_true.shape or pred_a.ndim > 2:
         raise ValueError(
-            f"y_true, pred_a and pred_b must be 1-D and the same length, got {y_true.shape}, "
+            f"y_true must be 1-D and pred_a, pred_b [N] or [seeds, N] with the same shape, got {y_true.shape}, "
             f"{pred_a.shape}, {pred_b.shape}; score both models on the same test images."
         )
     a_right = pred_a == y_true
