@@ -7,7 +7,7 @@ import sys
 from .common import ConversionError
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m weights_conversion",
                                      description="Convert upstream CLIP/SigLIP checkpoints to har_ref's format, "
                                                  "and har_ref checkpoints back to transformers' (export-hf).")
@@ -33,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
                                     "tokenizer files, loadable by from_pretrained and CLIPProcessor/SiglipProcessor.")
     ex.add_argument("--src", required=True, help="har_ref checkpoint or training run directory")
     ex.add_argument("--out", required=True, help="output transformers checkpoint directory")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "hf":
             from .hf import convert_hf

@@ -134,7 +134,7 @@ def export_state_dict(ours: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
 
 
 def preprocessor_config(cfg: ModelConfig) -> dict:
-    """har_ref's eval transform (transforms.py) in the image processor's terms: bicubic (PIL
+    """har_ref's eval transform (har_ref/model/transforms.py) in the image processor's terms: bicubic (PIL
     resample 3) resize, for CLIP of the shortest side and a centre crop, then x / 255, mean, std."""
     size = cfg.vision.image_size
     clip = cfg.family == "clip"

@@ -58,7 +58,7 @@ def convert_config(hf: dict, preprocessor: dict | None) -> ModelConfig:
         layers=t["num_hidden_layers"], heads=t["num_attention_heads"], mlp_dim=t["intermediate_size"],
         act=_activation(t["hidden_act"]), ln_eps=t["layer_norm_eps"], causal=clip,
         pool="eos" if clip else "last", eos_token_id=t["eos_token_id"],
-        eos_by_argmax=clip and t["eos_token_id"] == 2,  # transformers' legacy rule, see text.py
+        eos_by_argmax=clip and t["eos_token_id"] == 2,  # transformers' legacy rule, see har_ref/model/text.py
         pad_token_id=t["pad_token_id"], proj_bias=not clip)
     vision = VisionConfig(
         image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"],

@@ -5,7 +5,7 @@ pickled dict read with weights_only=True), including OpenAI's own weights once t
 their TorchScript archive. Output: har_ref's config.json and model.safetensors (float32), and
 for CLIP with `--bpe` the tokenizer as transformers' CLIPTokenizer files (vocab.json, merges.txt).
 
-open_clip's CLIP layout (open_clip/model.py: CLIP, transformer.py: VisionTransformer) differs
+open_clip's CLIP layout (open_clip/model.py: CLIP, open_clip/transformer.py: VisionTransformer) differs
 from har_ref's only in names and in two projections that are applied as `x @ proj`:
 
     visual.conv1                               -> vision.patch_embed (no bias)

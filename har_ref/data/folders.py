@@ -83,7 +83,7 @@ def image_problem(path: str | Path) -> str | None:
 
     The file is decoded fully, JPEGs in draft mode (DCT scaling to ~1/8 size): every byte is still
     entropy-decoded, so truncation is caught, while the inverse DCT works on 1/64 of the pixels.
-    Images beyond Pillow's decompression-bomb limit are refused before decoding (transforms.py).
+    Images beyond Pillow's decompression-bomb limit are refused before decoding (model/transforms.py).
     """
     try:
         with Image.open(path) as image:
@@ -249,7 +249,7 @@ class BalancedEpochSampler(EpochSampler):
 
 
 def ignore_sigint(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the main process, which stops cleanly (train.py)."""
+    """DataLoader workers leave Ctrl-C to the main process, which stops cleanly (train/faults.py::StopRequest)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 

@@ -87,7 +87,7 @@ class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, mlp_dim: int, act: str, ln_eps: float):
         super().__init__()
         self.blocks = nn.ModuleList(Block(width, heads, mlp_dim, act, ln_eps) for _ in range(layers))
-        # Activation checkpointing trades compute for memory on big micro-batches (set by train.py).
+        # Activation checkpointing trades compute for memory on big micro-batches (`--grad-checkpointing`, set in train/setup.py).
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:

@@ -36,7 +36,7 @@ from .config import ModelConfig
 
 CLIP_BOS = "<|startoftext|>"
 CLIP_EOS = "<|endoftext|>"
-# CLIP's word regex (OpenAI's simple_tokenizer.py): common English contractions, letter runs,
+# CLIP's word regex (OpenAI CLIP's simple tokenizer): common English contractions, letter runs,
 # single digits, runs of other non-space symbols.
 CLIP_WORD_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
@@ -146,7 +146,7 @@ class ClipTokenizer:
 
 
 def canonicalize_text(text: str) -> str:
-    """big_vision's prompt canonicalisation (as transformers' SiglipTokenizer.canonicalize_text):
+    """big_vision's prompt canonicalisation (as transformers' SigLIP tokenizer canonicalizes):
     lowercase, drop ASCII punctuation, collapse whitespace, strip."""
     text = text.lower().translate(str.maketrans("", "", string.punctuation))
     return re.sub(r"\s+", " ", text).strip()

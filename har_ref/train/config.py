@@ -31,10 +31,10 @@ class TrainConfig:
     augment: bool = False  # random resized crop + horizontal flip on train images
     workers: int = 2
     seed: int = 0
-    prompts: str | None = None  # template bank JSON; None = the packaged har_ref/prompts.json
+    prompts: str | None = None  # template bank JSON; None = the packaged data/prompts.json
     compile: bool = False  # torch.compile the encoders
     grad_checkpointing: bool = False
-    cache_dir: str | None = None  # preprocessed uint8 image cache (see data.py); None disables it
+    cache_dir: str | None = None  # preprocessed uint8 image cache (data/image_cache.py); None disables it
     eval_batch: int = 64
     checkpoint_every: int = 0  # also checkpoint every N micro-batches (0: only by time and at epoch ends)
     checkpoint_minutes: float = 30.0  # also checkpoint when this long has passed since the last one (0: never)

@@ -4,7 +4,7 @@
   next micro-batch boundary, where it writes a checkpoint and exits; a second Ctrl-C stops at
   once (KeyboardInterrupt), keeping the last checkpoint.
 - Non-finite losses: one now and then (an fp16 overflow, a bad batch) is skipped; K in a row mean
-  the run has diverged, and it stops with the last good checkpoint kept (train.py never writes
+  the run has diverged, and it stops with the last good checkpoint kept (loop.py never writes
   a checkpoint after a non-finite optimizer step: such steps are skipped, see optimizer_step).
 """
 from __future__ import annotations

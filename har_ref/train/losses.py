@@ -1,7 +1,7 @@
 """Contrastive image-text losses: CLIP's symmetric InfoNCE and SigLIP's pairwise sigmoid.
 
 Plain functions of tensors (no model, no data, no distributed code), in the spirit of
-open_clip's loss.py. Conventions shared by both losses:
+open_clip/loss.py. Conventions shared by both losses:
 
 - `image_emb[i]` and `text_emb[i]` are a matching pair of class `labels[i]`: the raw
   projections the encoders return. Both losses L2-normalize every embedding inside
@@ -186,7 +186,7 @@ def siglip_loss(
 
 # --- The plain equations ------------------------------------------------------------------------
 # The two losses written as the papers write them, in the spirit of big_vision's eight-line
-# `loss_fn` (trainers/proj/image_text/siglip.py): normalize, build every logit, one line per term.
+# `loss_fn` (big_vision/trainers/proj/image_text/siglip.py): normalize, build every logit, one line per term.
 # They build full [B, B+M] float matrices and copy the memory; tests/test_losses.py checks the
 # optimized functions above against them (values and gradients, float64).
 
