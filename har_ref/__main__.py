@@ -1,4 +1,4 @@
-"""python -m har_ref {train,evaluate,compare,prompts,predict,wise-ft,prepare,synth,pretrain,demo} ...
+"""python -m har_ref {train,evaluate,compare,prompts,predict,explain,wise-ft,prepare,synth,pretrain,demo} ...
 
 Every user error (missing weights, bad data layout, bad flag value) ends in one line on
 stderr and exit status 2, never a traceback.
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None, help="template bank or best_prompts.json")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--shift-split", default="test_shift", help="also score DATA/<this>/ when it exists, into "
+                                                               "metrics_shift.json ('' never)")
 
     p = sub.add_parser("compare", help="CLIP-vs-SigLIP report from two run directories")
     p.add_argument("run_clip")
@@ -104,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images decoded and embedded at a time")
     p.add_argument("--true", default=None, help="the true class, to colour the panel")
     p.add_argument("--panel", default=None, help="write the compare_viz panel PNG here")
+
+    p = sub.add_parser("explain", help="one PNG per image: each model's attention maps over it and its top-3 classes")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively, hidden files skipped)")
+    p.add_argument("--weights", required=True, action="append", help="checkpoint or run directory (repeatable)")
+    p.add_argument("--out", required=True, help="folder for the PNGs")
+    p.add_argument("--class", dest="explain_classes", action="append", default=None, metavar="CLASS",
+                   help="also draw each model's map for this class's score (repeatable)")
+    p.add_argument("--classes", default=None, help="label space, as for predict")
+    p.add_argument("--prompts", default=None, help="template bank, as for predict")
+    p.add_argument("--batch-size", type=int, default=32, help="images decoded and explained at a time")
 
     p = sub.add_parser("wise-ft", help="weight-space ensemble of a zero-shot checkpoint and its fine-tuned run")
     p.add_argument("--zero-shot", required=True, help="the checkpoint the run was fine-tuned from")
@@ -141,8 +153,11 @@ def run(args) -> None:
               overwrite=args.overwrite)
     elif args.command == "evaluate":
         from .eval.evaluate import evaluate
-        m = evaluate(args.weights, args.data, args.out, args.prompts, args.batch_size, args.workers)
+        m = evaluate(args.weights, args.data, args.out, args.prompts, args.batch_size, args.workers,
+                     shift_split=args.shift_split)
         print(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ECE {m['ece']:.4f} -> {args.out}")
+        if "shift" in m:
+            print(f"{args.shift_split}: accuracy {m['shift']['accuracy']:.4f}  macro-F1 {m['shift']['macro_f1']:.4f}")
     elif args.command == "compare":
         from .eval.report import compare_runs
         path = compare_runs(args.run_clip, args.run_siglip, args.out, n_resamples=args.resamples, seed=args.seed)
@@ -156,6 +171,10 @@ def run(args) -> None:
         from .eval.predict import run_predict
         run_predict(args.weights, args.images, class_names_from(args.classes) if args.classes else None,
                     args.prompts, args.top_k, args.true, args.panel, args.json, args.batch_size)
+    elif args.command == "explain":
+        from .eval.explain_viz import run_explain
+        run_explain(args.weights, args.images, args.out, args.explain_classes,
+                    class_names_from(args.classes) if args.classes else None, args.prompts, args.batch_size)
     elif args.command == "wise-ft":
         from .eval.wise_ft import wise_ft
         print(f"wrote {wise_ft(args.zero_shot, args.fine_tuned, args.alpha, args.out)}")

@@ -1,6 +1,7 @@
 """Data: folder splits, image checks, datasets and seeded loaders.
 
-Layout read by training and evaluation:  DATA/train/<class>/*  and  DATA/test/<class>/*
+Layout read by training and evaluation:  DATA/train/<class>/*  and  DATA/test/<class>/*, and when it
+exists a shifted test split DATA/test_shift/<class>/* (same classes; evaluation scores it too)
 (class order = sorted folder names; files sorted by name, so item order never depends on the OS).
 
 prepare.py builds that layout from the dataset as distributed (a flat folder and a CSV); prompts.py
@@ -12,6 +13,7 @@ workers, and after a resume in the middle of an epoch.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -22,6 +24,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -30,6 +33,7 @@ from ..distributed import rank, world_size
 from ..model.transforms import check_pixel_count, load_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+DEFAULT_SHIFT_SPLIT = "test_shift"  # DATA/test_shift/<class>/: a test split in a style training never sees
 
 
 # ---------------------------------------------------------------- folder splits
@@ -58,24 +62,64 @@ def list_images(folder: Path) -> list[Path]:
 def build_splits(data_dir: str | Path) -> tuple[list[tuple[str, int]], list[tuple[str, int]], list[str]]:
     """(train_items, test_items, class_names) with items = (path, class_id)."""
     data_dir = Path(data_dir)
-    train_classes, test_classes = find_classes(data_dir / "train"), find_classes(data_dir / "test")
-    if train_classes != test_classes:
-        only_train = sorted(set(train_classes) - set(test_classes))
-        only_test = sorted(set(test_classes) - set(train_classes))
-        raise ValueError(f"{data_dir}: train and test have different class folders (missing from test: "
-                         f"{only_train or 'none'}; missing from train: {only_test or 'none'}); "
-                         "make both splits contain the same class folders.")
-    splits = []
-    for split in ("train", "test"):
-        items = []
-        for class_id, name in enumerate(train_classes):
-            files = list_images(data_dir / split / name)
-            if not files:
-                raise ValueError(f"{data_dir / split / name} has no image files ({', '.join(IMAGE_EXTENSIONS)}); "
-                                 "add images or remove this class folder from both splits.")
-            items += [(str(p), class_id) for p in files]
-        splits.append(items)
-    return splits[0], splits[1], train_classes
+    class_names = find_classes(data_dir / "train")
+    return split_items(data_dir, "train", class_names), split_items(data_dir, "test", class_names), class_names
+
+
+def split_items(data_dir: str | Path, split: str, class_names: Sequence[str]) -> list[tuple[str, int]]:
+    """The (path, class_id) items of DATA/<split>/, whose class folders must be train's."""
+    data_dir = Path(data_dir)
+    found = find_classes(data_dir / split)
+    if found != list(class_names):
+        only_train = sorted(set(class_names) - set(found))
+        only_here = sorted(set(found) - set(class_names))
+        raise ValueError(f"{data_dir}: train and {split} have different class folders (missing from {split}: "
+                         f"{only_train or 'none'}; missing from train: {only_here or 'none'}); "
+                         f"make both splits contain the same class folders.")
+    items = []
+    for class_id, name in enumerate(class_names):
+        files = list_images(data_dir / split / name)
+        if not files:
+            raise ValueError(f"{data_dir / split / name} has no image files ({', '.join(IMAGE_EXTENSIONS)}); "
+                             f"add images or remove this class folder from every split.")
+        items += [(str(p), class_id) for p in files]
+    return items
+
+
+def hold_out(items: Sequence[tuple[str, int]], fraction: float, seed: int = 0
+             ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(kept, held_out): `fraction` of each class's items, drawn with `seed`, set aside as a validation
+    part of train (at least one per class when fraction > 0; at least one kept). Order is preserved."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"the validation fraction must be in [0, 1), got {fraction}.")
+    if fraction == 0.0:
+        return list(items), []
+    rng = np.random.default_rng(seed)
+    chosen = set()
+    for class_id in sorted({c for _, c in items}):
+        members = [i for i, (_, c) in enumerate(items) if c == class_id]
+        count = min(len(members) - 1, max(1, round(fraction * len(members))))
+        chosen.update(int(i) for i in rng.choice(members, size=count, replace=False))
+    return ([it for i, it in enumerate(items) if i not in chosen],
+            [it for i, it in enumerate(items) if i in chosen])
+
+
+def random_labels(items: Sequence[tuple[str, int]], num_classes: int, seed: int) -> list[tuple[str, int]]:
+    """The same images, each with a class drawn uniformly at random (the shuffled-label control:
+    a model fine-tuned on these can learn nothing about the classes, only lose what it knew)."""
+    drawn = np.random.default_rng([seed, 7]).integers(0, num_classes, len(items))
+    return [(path, int(c)) for (path, _), c in zip(items, drawn)]
+
+
+def write_items(path: str | Path, items: Sequence[tuple[str, int]], class_names: Sequence[str]) -> None:
+    """items as a CSV of path,class (e.g. a run's validation.csv), read back by read_items."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("path", "class"), *((p, class_names[c]) for p, c in items)])
+
+
+def read_items(path: str | Path, class_names: Sequence[str]) -> list[tuple[str, int]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return [(row["path"], list(class_names).index(row["class"])) for row in csv.DictReader(f)]
 
 
 def image_problem(path: str | Path) -> str | None:

@@ -16,7 +16,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from ..data.folders import ImageFolderDataset, build_splits, make_eval_loader, write_skipped
+from ..data.folders import (DEFAULT_SHIFT_SPLIT, ImageFolderDataset, build_splits, make_eval_loader, split_items,
+                            write_skipped)
 from ..data.prompts import PromptBank
 from .embed import class_embeddings, image_scores
 from .metrics import compute_metrics, expected_calibration_error, reliability_diagram_data, softmax
@@ -41,12 +42,13 @@ def write_predictions(path: Path, items, indices, logits, class_names) -> None:
 
 def evaluate_model(model: DualEncoder, tokenizer, data_dir: str | Path, out_dir: str | Path,
                    prompts: str | Path | None = None, batch_size: int = 64, workers: int = 0,
-                   split: str = "test", label: str | None = None, autocast=None) -> dict:
-    """Score `split` of DATA_DIR, write metrics.json, predictions.csv and confusion.png to OUT_DIR."""
+                   split: str = "test", label: str | None = None, autocast=None, suffix: str = "") -> dict:
+    """Score DATA_DIR/<split>/, write metrics<suffix>.json, predictions<suffix>.csv and
+    confusion<suffix>.png to OUT_DIR (the shift split's suffix is "_shift")."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_items, test_items, class_names = build_splits(data_dir)
-    items = test_items if split == "test" else train_items
+    items = {"train": train_items, "test": test_items}.get(split) or split_items(data_dir, split, class_names)
     dataset = ImageFolderDataset(items, build_transform(model.cfg, train=False))
     loader = make_eval_loader(dataset, batch_size=batch_size, workers=workers)
     bank = PromptBank.from_file(prompts, class_names)
@@ -64,20 +66,36 @@ def evaluate_model(model: DualEncoder, tokenizer, data_dir: str | Path, out_dir:
     metrics["skipped_images"] = [[str(p), r] for p, r in getattr(dataset, "skipped", [])]
     if dataset.skipped or (out_dir / "skipped.txt").is_file():
         write_skipped(out_dir, split, dataset.skipped)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_predictions(out_dir / "predictions.csv", dataset.items, indices, logits, class_names)
+    (out_dir / f"metrics{suffix}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_predictions(out_dir / f"predictions{suffix}.csv", dataset.items, indices, logits, class_names)
     plot_confusion(np.asarray(metrics["confusion_normalized"]), class_names,
-                   f"Confusion matrix (normalized): {metrics['model_name']}", out_dir / "confusion.png")
+                   f"Confusion matrix (normalized): {metrics['model_name']}, {split}",
+                   out_dir / f"confusion{suffix}.png")
+    return metrics
+
+
+def evaluate_test_splits(model: DualEncoder, tokenizer, data_dir: str | Path, out_dir: str | Path,
+                         prompts: str | Path | None = None, batch_size: int = 64, workers: int = 0,
+                         autocast=None, shift_split: str | None = DEFAULT_SHIFT_SPLIT) -> dict:
+    """The test split (metrics.json, predictions.csv) and, when DATA_DIR/<shift_split>/ exists, the
+    shifted test split (metrics_shift.json, predictions_shift.csv), scored the same way; returns the
+    test split's metrics with the shift split's under "shift"."""
+    metrics = evaluate_model(model, tokenizer, data_dir, out_dir, prompts, batch_size, workers,
+                             autocast=autocast)
+    if shift_split and (Path(data_dir) / shift_split).is_dir():
+        metrics["shift"] = evaluate_model(model, tokenizer, data_dir, out_dir, prompts, batch_size, workers,
+                                          split=shift_split, autocast=autocast, suffix="_shift")
     return metrics
 
 
 def evaluate(weights: str | Path, data_dir: str | Path, out_dir: str | Path, prompts=None,
-             batch_size: int = 64, workers: int = 0, device: str = "cpu", autocast=None) -> dict:
+             batch_size: int = 64, workers: int = 0, device: str = "cpu", autocast=None,
+             shift_split: str | None = DEFAULT_SHIFT_SPLIT) -> dict:
     """`python -m har_ref evaluate`: a converted pretrained checkpoint (zero-shot) or a run directory
     (scored with the template bank it was trained with, its prompts.json, unless --prompts is given).
     `autocast`: the image tower's precision context (None: fp32), e.g. to match a training run's."""
     model = load_model(weights, device=device)
     if prompts is None and (Path(weights) / "prompts.json").is_file():
         prompts = Path(weights) / "prompts.json"
-    return evaluate_model(model, load_tokenizer(weights), data_dir, out_dir, prompts, batch_size, workers,
-                          autocast=autocast)
+    return evaluate_test_splits(model, load_tokenizer(weights), data_dir, out_dir, prompts, batch_size, workers,
+                                autocast=autocast, shift_split=shift_split)

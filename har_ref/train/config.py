@@ -39,6 +39,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # also checkpoint every N micro-batches (0: only by time and at epoch ends)
     checkpoint_minutes: float = 30.0  # also checkpoint when this long has passed since the last one (0: never)
     max_nonfinite: int = 10  # stop after this many consecutive non-finite losses
+    val_fraction: float = 0.0  # share of each class's train images held out (not trained on) as a validation part
+    shuffle_labels: bool = False  # negative control: each train image gets a random class (seeded by --seed)
+    shift_split: str = "test_shift"  # also evaluate DATA/<shift_split>/ when it exists ("" never)
     synthetic: bool = False  # set by the offline demo so reports say what the numbers are
 
     @property
@@ -51,7 +54,9 @@ class TrainConfig:
             (self.accum_mode in ("independent", "cached"), f"--accum-mode must be independent or cached, got {self.accum_mode!r}"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"), f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}"),
             (self.micro_batch > 0, f"--micro-batch (the batch size) must be a positive number of images, got {self.micro_batch}"),
-            (self.accum_steps > 0 and self.epochs > 0, "--accum-steps and --epochs must be positive"),
+            (self.accum_steps > 0 and self.epochs >= 0,
+             "--accum-steps must be positive and --epochs >= 0 (0 evaluates the starting weights as a run)"),
+            (0.0 <= self.val_fraction < 1.0, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
             (self.xbm_size >= 0, "--xbm-size must be >= 0 (0 disables the memory)"),
             (self.eval_batch > 0 and self.workers >= 0, "--eval-batch must be positive and --workers >= 0"),
             (self.checkpoint_every >= 0 and self.checkpoint_minutes >= 0,
