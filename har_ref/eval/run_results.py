@@ -61,13 +61,14 @@ def read_log(path: Path) -> list[dict] | None:
     return [by_epoch[e] for e in sorted(by_epoch)] or None
 
 
-def load_run(directory: str | Path) -> RunResults:
+def load_run(directory: str | Path, suffix: str = "") -> RunResults:
+    """A run directory's test split (suffix "") or shifted test split (suffix "_shift") read back."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"RunResults directory {directory} does not exist; pass the --out folder of a "
                                 "train or evaluate run.")
-    metrics = _read_json(directory / "metrics.json")
-    class_names, rows, scores = read_predictions(directory / "predictions.csv")
+    metrics = _read_json(directory / f"metrics{suffix}.json")
+    class_names, rows, scores = read_predictions(directory / f"predictions{suffix}.csv")
     train_config_path = directory / "train_config.json"
     train_config = json.loads(train_config_path.read_text()) if train_config_path.is_file() else {}
     return RunResults(directory=directory, name=metrics["model_name"], family=metrics["family"],
