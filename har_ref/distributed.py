@@ -3,12 +3,11 @@
 Contrastive losses need the other ranks' embeddings as candidates. The recipe (open_clip's
 `local_loss=True, gather_with_grad=True`):
 
-    other_img, other_txt = gather_from_other_ranks(img), gather_from_other_ranks(txt)
-    other_labels = gather_from_other_ranks(labels)
-    loss = clip_loss(img, txt, logit_scale, labels, other_img, other_txt, other_labels)
+    others = tuple(gather_from_other_ranks(x) for x in (img, txt, labels))
+    loss = clip_loss(img, txt, logit_scale, labels, gathered=others)
 
 Each rank's anchors are its own B rows, scored against all W*B candidates (the other
-ranks' rows enter the losses as extra candidates; candidate order does not matter).
+ranks' rows enter the losses as `gathered` candidates; candidate order does not matter).
 Why that per-rank loss is the right one: the full-batch loss is a mean over all W*B
 anchors, so it equals (1/W) * sum_r loss_r when loss_r is the mean over rank r's anchors.
 The gather's backward sums, into each rank's shard, the gradients of every rank's
@@ -97,7 +96,7 @@ def gather_with_grad(x: Tensor) -> Tensor:
 def gather_from_other_ranks(x: Tensor) -> Tensor:
     """The rows of every other rank, [(W-1)*B, ...], with gradient; empty in a single process.
 
-    Pass these as the losses' extra candidates (memory_* arguments) next to the local batch.
+    Pass these as the losses' `gathered` candidates next to the local batch.
     """
     gathered = gather_with_grad(x)
     start = rank() * x.shape[0]

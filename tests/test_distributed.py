@@ -43,10 +43,10 @@ CASES = {  # name: (loss family, labels, pos_weight)
 }
 
 
-def compute_loss(model, family, image, text, labels, pos_weight, *memory):
+def compute_loss(model, family, image, text, labels, pos_weight, gathered=None):
     if family == "clip":
-        return clip_loss(image, text, model.logit_scale, labels, *memory)
-    return siglip_loss(image, text, model.logit_scale, model.logit_bias, labels, pos_weight, *memory)
+        return clip_loss(image, text, model.logit_scale, labels, gathered)
+    return siglip_loss(image, text, model.logit_scale, model.logit_bias, labels, pos_weight, gathered)
 
 
 def worker(rank, port, out_dir):
@@ -67,12 +67,12 @@ def worker(rank, port, out_dir):
         image, text = ddp(image_inputs[shard], text_inputs[shard])
         image.retain_grad(), text.retain_grad()
         local_labels = None if labels is None else labels[shard]
-        # Local anchors vs all candidates: the other ranks' rows are extra candidates (with gradient).
+        # Local anchors vs all candidates: the other ranks' rows are gathered candidates (with gradient).
         others = (distributed.gather_from_other_ranks(image), distributed.gather_from_other_ranks(text),
                   None if labels is None else distributed.gather_from_other_ranks(local_labels))
         assert torch.equal(distributed.gather_with_grad(image).detach(),
                            torch.cat([model.image(image_inputs[:N // 2]), model.image(image_inputs[N // 2:])]).detach())
-        loss = compute_loss(model, family, image, text, local_labels, pos_weight, *others)
+        loss = compute_loss(model, family, image, text, local_labels, pos_weight, others)
         loss.backward()  # DDP all-reduces (averages) the parameter gradients here
         results[name] = {"params": {k: p.grad.clone() for k, p in model.named_parameters()},
                          "image": image.grad.clone(), "text": text.grad.clone()}

@@ -54,7 +54,17 @@ def reference_pairs(anchors, batch_candidates, memory_candidates, labels, memory
         yield [(cosine(anchors[i], c), anchor_labels[i] == cl) for c, cl in zip(candidates, candidate_labels)]
 
 
-def naive_clip_loss(image, text, scale, labels=None, memory_image=None, memory_text=None, memory_labels=None):
+def concatenated_extra_rows(gathered, memory):
+    """The extra candidates [gathered; memory] as (images, texts, labels); three Nones without any."""
+    parts = [rows for rows in (gathered, memory) if rows is not None]
+    if not parts:
+        return None, None, None
+    labels = None if parts[0][2] is None else torch.cat([rows[2] for rows in parts])
+    return torch.cat([rows[0] for rows in parts]), torch.cat([rows[1] for rows in parts]), labels
+
+
+def naive_clip_loss(image, text, scale, labels=None, gathered=None, memory=None):
+    memory_image, memory_text, memory_labels = concatenated_extra_rows(gathered, memory)
     directions = [(image, text, memory_text), (text, image, memory_image)]
     total = 0.0
     for anchors, candidates, memory in directions:
@@ -68,8 +78,8 @@ def naive_clip_loss(image, text, scale, labels=None, memory_image=None, memory_t
     return total / 2
 
 
-def naive_siglip_loss(image, text, scale, bias, labels=None, pos_weight=None,
-                      memory_image=None, memory_text=None, memory_labels=None):
+def naive_siglip_loss(image, text, scale, bias, labels=None, pos_weight=None, gathered=None, memory=None):
+    memory_image, memory_text, memory_labels = concatenated_extra_rows(gathered, memory)
     directions = [(image, text, memory_text), (text, image, memory_image)]
     total = 0.0
     for anchors, candidates, memory in directions:
@@ -91,10 +101,16 @@ CASE_IDS = [f"{'classes' if labels is not None else 'diagonal'}-{'memory' if mem
 
 
 def case_arguments(labels, memory, requires_grad=False):
-    """(tensors, keyword arguments for the memory) of one case; the tensors are float64 leaves."""
+    """(tensors, keyword arguments for the extra candidates) of one case; the tensors are float64 leaves.
+    With memory, the M extra rows go in as 2 gathered rows and 3 memory rows."""
     x = {k: v.requires_grad_(requires_grad) for k, v in make_inputs(memory=memory).items()}
-    memory_labels = MEMORY_LABELS if (memory and labels is not None) else None
-    return x, dict(memory_image=x.get("memory_image"), memory_text=x.get("memory_text"), memory_labels=memory_labels)
+    if not memory:
+        return x, {}
+    extra_labels = MEMORY_LABELS if labels is not None else None
+
+    def rows(part):
+        return x["memory_image"][part], x["memory_text"][part], None if extra_labels is None else extra_labels[part]
+    return x, dict(gathered=rows(slice(0, 2)), memory=rows(slice(2, None)))
 
 
 @pytest.mark.parametrize("labels, memory", CASES, ids=CASE_IDS)
@@ -144,13 +160,14 @@ def test_one_positive_per_row_labels_equal_diagonal():
     x = make_inputs()
     unique = torch.arange(B)
     memory_unique = torch.arange(B, B + M)  # no memory row shares a class with the batch
-    memory = dict(memory_image=x["memory_image"], memory_text=x["memory_text"])
+    labelled = (x["memory_image"], x["memory_text"], memory_unique)
+    unlabelled = (x["memory_image"], x["memory_text"], None)
     torch.testing.assert_close(
-        clip_loss(x["image"], x["text"], x["scale"], unique, memory_labels=memory_unique, **memory),
-        clip_loss(x["image"], x["text"], x["scale"], **memory), rtol=1e-14, atol=0)
+        clip_loss(x["image"], x["text"], x["scale"], unique, memory=labelled),
+        clip_loss(x["image"], x["text"], x["scale"], memory=unlabelled), rtol=1e-14, atol=0)
     torch.testing.assert_close(
-        siglip_loss(x["image"], x["text"], x["scale"], x["bias"], unique, memory_labels=memory_unique, **memory),
-        siglip_loss(x["image"], x["text"], x["scale"], x["bias"], **memory), rtol=1e-14, atol=0)
+        siglip_loss(x["image"], x["text"], x["scale"], x["bias"], unique, memory=labelled),
+        siglip_loss(x["image"], x["text"], x["scale"], x["bias"], memory=unlabelled), rtol=1e-14, atol=0)
 
 
 def test_positive_mask_and_balanced_pos_weight():
@@ -181,13 +198,13 @@ def test_balanced_pos_weight_balances_total_weight():
 def test_clip_loss_gradcheck(labels, memory):
     x = {k: v.requires_grad_() for k, v in make_inputs(memory=memory).items() if k != "bias"}
     memory_labels = MEMORY_LABELS if (memory and labels is not None) else None
-    # image, text, scale[, memory_image, memory_text]: memory too, DDP passes other ranks' rows there
+    # image, text, scale[, memory_image, memory_text]: extra rows with gradient, as DDP's gathered rows
     names = list(x)
 
     def f(*args):
         a = dict(zip(names, args))
-        return clip_loss(a["image"], a["text"], a["scale"], labels, a.get("memory_image"), a.get("memory_text"),
-                         memory_labels)
+        gathered = (a["memory_image"], a["memory_text"], memory_labels) if memory else None
+        return clip_loss(a["image"], a["text"], a["scale"], labels, gathered)
 
     assert torch.autograd.gradcheck(f, tuple(x.values()))
 
@@ -202,8 +219,8 @@ def test_siglip_loss_gradcheck(labels, memory, pos_weight):
 
     def f(*args):
         a = dict(zip(names, args))
-        return siglip_loss(a["image"], a["text"], a["scale"], a["bias"], labels, pos_weight,
-                           a.get("memory_image"), a.get("memory_text"), memory_labels)
+        gathered = (a["memory_image"], a["memory_text"], memory_labels) if memory else None
+        return siglip_loss(a["image"], a["text"], a["scale"], a["bias"], labels, pos_weight, gathered)
 
     assert torch.autograd.gradcheck(f, tuple(x.values()))
 
@@ -232,12 +249,14 @@ def test_optimizer_step_keeps_siglip_temperature(family, expected):
 
 def test_inconsistent_memory_arguments_raise():
     x = make_inputs()
-    with pytest.raises(ValueError, match="memory_labels"):
-        clip_loss(x["image"], x["text"], x["scale"], None, x["memory_image"], x["memory_text"], MEMORY_LABELS)
-    with pytest.raises(ValueError, match="memory_labels"):
-        clip_loss(x["image"], x["text"], x["scale"], LABELS, x["memory_image"], x["memory_text"], None)
-    with pytest.raises(ValueError, match="memory_image / memory_text"):
-        siglip_loss(x["image"], x["text"], x["scale"], x["bias"], memory_image=x["memory_image"])
+    with pytest.raises(ValueError, match="came with labels but the batch has none"):
+        clip_loss(x["image"], x["text"], x["scale"], None, memory=(x["memory_image"], x["memory_text"], MEMORY_LABELS))
+    with pytest.raises(ValueError, match="came without labels but the batch has labels"):
+        clip_loss(x["image"], x["text"], x["scale"], LABELS, memory=(x["memory_image"], x["memory_text"], None))
+    with pytest.raises(ValueError, match="both have labels or both have none"):
+        siglip_loss(x["image"], x["text"], x["scale"], x["bias"], LABELS,
+                    gathered=(x["memory_image"], x["memory_text"], MEMORY_LABELS),
+                    memory=(x["memory_image"], x["memory_text"], None))
 
 
 # --- parity with upstream in the one-positive case ----------------------------------------------
@@ -332,10 +351,10 @@ def test_loss_with_memory_never_materializes_more_than_one_logit_matrix_at_a_tim
 
     def step():
         if loss == "clip":
-            value = clip_loss(image, text, scale, labels, memory_image, memory_text, memory_labels)
+            value = clip_loss(image, text, scale, labels, memory=(memory_image, memory_text, memory_labels))
         else:
             value = siglip_loss(image, text, scale, bias, labels, balanced_pos_weight(labels, memory_labels),
-                                memory_image, memory_text, memory_labels)
+                                memory=(memory_image, memory_text, memory_labels))
         value.backward()
 
     step()  # first-use allocations of the process are not the loss's

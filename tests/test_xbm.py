@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from har_ref.train.losses import clip_loss, siglip_loss
+from har_ref.train.losses import clip_loss, positive_mask, siglip_loss
 from har_ref.train.xbm import CrossBatchMemory
 from test_losses import naive_clip_loss, naive_siglip_loss
 
@@ -85,7 +85,7 @@ def test_training_order_never_counts_a_batch_twice_and_leaves_memory_untouched()
         else:
             assert memory.labels.tolist() == seen and not set(memory.labels.tolist()) & set(ids.tolist())
         snapshot = None if memory is None else [t.clone() for t in memory]
-        loss = clip_loss(image, text, logit_scale, ids, *(memory or (None, None, None)))
+        loss = clip_loss(image, text, logit_scale, ids, memory=memory)
         loss.backward()
         assert encoder.weight.grad is not None and logit_scale.grad is not None
         if memory is not None:
@@ -99,7 +99,7 @@ def test_enqueue_before_backward_is_an_error_not_a_silent_wrong_gradient():
     xbm = CrossBatchMemory(10, dim=3)
     xbm.enqueue(rows([0, 1]), rows([0, 1]), torch.tensor([0, 1]))
     image, text = rows([2, 3]).requires_grad_(), rows([4, 5]).requires_grad_()
-    loss = clip_loss(image, text, torch.tensor(1.0), torch.tensor([2, 3]), *xbm.get())
+    loss = clip_loss(image, text, torch.tensor(1.0), torch.tensor([2, 3]), memory=xbm.get())
     xbm.enqueue(image, text, torch.tensor([2, 3]))  # writes the buffers autograd saved
     with pytest.raises(RuntimeError, match="inplace operation"):
         loss.backward()
@@ -121,12 +121,46 @@ def test_losses_with_memory_equal_hand_concatenation():
     scale, bias = torch.tensor(0.8, dtype=torch.float64), torch.tensor(-1.2, dtype=torch.float64)
     memory = xbm.get()
     assert torch.equal(memory.labels, memory_labels)
-    torch.testing.assert_close(clip_loss(image, text, scale, labels, *memory),
-                               naive_clip_loss(image, text, scale, labels, memory_image, memory_text, memory_labels),
+    by_hand = (memory_image, memory_text, memory_labels)
+    torch.testing.assert_close(clip_loss(image, text, scale, labels, memory=memory),
+                               naive_clip_loss(image, text, scale, labels, memory=by_hand),
                                rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(siglip_loss(image, text, scale, bias, labels, 2.0, *memory),
-                               naive_siglip_loss(image, text, scale, bias, labels, 2.0,
-                                                 memory_image, memory_text, memory_labels),
+    torch.testing.assert_close(siglip_loss(image, text, scale, bias, labels, 2.0, memory=memory),
+                               naive_siglip_loss(image, text, scale, bias, labels, 2.0, memory=by_hand),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_memory_larger_than_the_dataset_meets_stale_self_copies_as_positives():
+    """A memory of 8 rows over a training set of 6 images (as the SigLIP preset's 32,000 rows over
+    about 10,700 images): in the second epoch an anchor meets the first epoch's row of its own image,
+    computed by the weights of then. It carries the anchor's class, so the loss counts it a positive,
+    like every other row of the class; with labels=None it would be a negative (docs/losses.md, section 6)."""
+    torch.manual_seed(0)
+    images, texts = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    classes = torch.tensor([0, 0, 1, 1, 2, 2])
+    encoder = torch.nn.Linear(4, 3, dtype=torch.float64)
+    xbm = CrossBatchMemory(8, dim=3, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in ([0, 3], [5, 1], [2, 4]):  # epoch 1, shuffled; the memory keeps all 6 rows
+            xbm.enqueue(encoder(images[batch]), encoder(texts[batch]), classes[batch])
+        stale = F.normalize(encoder(images[[3, 0]]), dim=-1)
+        encoder.weight.add_(0.1 * torch.randn_like(encoder.weight))  # the optimizer steps in between
+    anchors = [3, 0]  # epoch 2's first batch
+    image, text = encoder(images[anchors]), encoder(texts[anchors])
+    memory = xbm.get()
+    assert xbm.filled == len(images)  # every image of the training set has a row in the memory
+    self_copy = [1, 0]  # memory slots of images 3 and 0 (enqueue order 0, 3, 5, 1, 2, 4)
+    for anchor, slot in enumerate(self_copy):
+        torch.testing.assert_close(memory.image[slot], stale[anchor], rtol=0, atol=1e-12)  # its own image...
+        assert not torch.allclose(memory.image[slot], F.normalize(image[anchor], dim=0), atol=1e-3)  # ...stale
+    mask = positive_mask(classes[anchors], len(anchors), memory.labels, len(memory.labels))
+    assert all(mask[anchor, len(anchors) + slot] for anchor, slot in enumerate(self_copy))
+    assert mask[0, len(anchors):].tolist() == (memory.labels == 1).tolist()  # one positive among its class's
+    assert not positive_mask(None, len(anchors), None, len(memory.labels))[:, len(anchors):].any()
+    # The loss is the per-pair definition with those positives: nothing singles the self-copy out.
+    scale = torch.tensor(1.1, dtype=torch.float64)
+    torch.testing.assert_close(clip_loss(image, text, scale, classes[anchors], memory=memory),
+                               naive_clip_loss(image, text, scale, classes[anchors], memory=tuple(memory)),
                                rtol=1e-12, atol=1e-12)
 
 

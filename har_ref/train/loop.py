@@ -11,8 +11,9 @@
             after_micro_batch        stop cleanly if asked, checkpoint if due
       finish                     the last partial step, the weights, the test-split evaluation
 
-One step: embed both towers, score every image against every prompt of the batch (+ other ranks'
-rows under DDP, + the cross-batch memory), and descend on CLIP's InfoNCE or SigLIP's sigmoid loss,
+One step: embed both towers, score every image against every prompt of the batch (+ the gathered
+rows: other ranks' under DDP, the step's other micro-batches in cached mode; + the cross-batch
+memory's rows of earlier steps), and descend on CLIP's InfoNCE or SigLIP's sigmoid loss,
 same-class pairs being positives (losses.py). Cached accumulation (Gao et al. 2021; open_clip
 --accum-freq) embeds every micro-batch without grad, takes the loss gradient w.r.t. the embeddings,
 then re-runs each micro-batch with grad and backpropagates those: exact large-batch gradients at one
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed as dist
-from ..eval.evaluate import evaluate_model
+from ..eval.evaluate import evaluate_test_splits
 from ..model.dual_encoder import save_model
 from ..model.tokenizer import TOKENIZER_FILES
 from . import checkpoint
@@ -118,15 +119,20 @@ def contrastive_loss(run: Run, state: TrainState, image: torch.Tensor, text: tor
     """The loss of local anchors against every candidate: local rows, other ranks' rows, the memory."""
     image, text = at_least_fp32(image), at_least_fp32(text)  # sums of up to 32k exponentials
     others = [tuple(dist.gather_from_other_ranks(x) for x in (image, text, labels))] if dist.is_distributed() else []
-    return run.loss(image, text, labels, extra_candidates(state, others))
+    return run.loss(image, text, labels, gathered_rows(others), memory_rows(state))
 
 
-def extra_candidates(state: TrainState, parts: list[tuple]) -> tuple:
-    """The loss's candidates besides the anchors' own rows: the given (images, texts, labels) parts and
-    the memory, concatenated; three Nones when there are none."""
-    memory = state.xbm.get() if state.xbm is not None else None
-    parts = parts + ([tuple(memory)] if memory is not None else [])
-    return tuple(torch.cat(columns) for columns in zip(*parts)) if parts else (None, None, None)
+def gathered_rows(parts: list[tuple]) -> tuple | None:
+    """The gathered candidates, rows of this step that carry gradient (other ranks' rows, the step's
+    other micro-batches), as one (images, texts, labels) triple; None when there are none."""
+    if len(parts) < 2:
+        return parts[0] if parts else None
+    return tuple(torch.cat(columns) for columns in zip(*parts))
+
+
+def memory_rows(state: TrainState):
+    """The memory candidates, detached rows of earlier steps (xbm.py); None without a memory or in warm-up."""
+    return state.xbm.get() if state.xbm is not None else None
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -221,8 +227,8 @@ def loss_backward_by_blocks(run: Run, state: TrainState, image: torch.Tensor, te
     for start in range(0, n, B):
         end = min(start + B, n)
         rest = tuple(torch.cat([x[:start], x[end:]]) for x in (image, text, labels))  # the step's other rows
-        candidates = extra_candidates(state, [rest] + others)
-        loss = run.loss(image[start:end], text[start:end], labels[start:end], candidates) * ((end - start) / n)
+        loss = run.loss(image[start:end], text[start:end], labels[start:end], gathered_rows([rest] + others),
+                        memory_rows(state)) * ((end - start) / n)
         state.scaler.scale(loss).backward()
         total += loss.item()
     if gathered:
@@ -313,9 +319,13 @@ def finish(run: Run) -> dict:
         for name in TOKENIZER_FILES:
             if (run.weights / name).is_file() and run.weights.resolve() != run.out.resolve():
                 shutil.copy(run.weights / name, run.out / name)
-        metrics = evaluate_model(run.model, run.tokenizer, run.data, run.out, run.cfg.prompts, run.cfg.eval_batch,
-                                 run.cfg.workers, autocast=autocast(run.precision, run.device))
+        metrics = evaluate_test_splits(run.model, run.tokenizer, run.data, run.out, run.cfg.prompts,
+                                       run.cfg.eval_batch, run.cfg.workers, autocast(run.precision, run.device),
+                                       run.cfg.shift_split)
         print(f"[train] test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
               f"-> {run.out}/metrics.json", file=sys.stdout)
+        if "shift" in metrics:
+            print(f"[train] shifted test split ({run.cfg.shift_split}): accuracy {metrics['shift']['accuracy']:.4f}, "
+                  f"macro-F1 {metrics['shift']['macro_f1']:.4f} -> {run.out}/metrics_shift.json", file=sys.stdout)
     dist.cleanup()
     return metrics

@@ -5,20 +5,26 @@ open_clip/loss.py. Conventions shared by both losses:
 
 - `image_emb[i]` and `text_emb[i]` are a matching pair of class `labels[i]`: the raw
   projections the encoders return. Both losses L2-normalize every embedding inside
-  (batch and memory), so callers never normalize.
+  (batch and extra rows), so callers never normalize.
 - `logit_scale` is the learnable *log* temperature t; logits use exp(t), as in CLIP and
   SigLIP. After each optimizer step `clamp_logit_scale_` clamps CLIP's (SigLIP's is not clamped).
 - Positives: with `labels` (class ids) every pair of the same class is a positive, so a
   row may have several; with `labels=None` only the diagonal pair (i, i) is.
-- Memory (`memory_image`, `memory_text`, `memory_labels`): extra *candidates* appended
-  after the batch: images are scored against [batch texts; memory texts] and texts
-  against [batch images; memory images]. Memory rows are never anchors. The loss does not
-  detach them: cross-batch memory (xbm.py) hands over detached tensors, while under DDP
-  the rows of other ranks can be passed here with their gradient (distributed.py).
-  Without `labels`, memory rows are all negatives (and `memory_labels` must be None).
-- Cost: per direction only a [B, B+M] logit matrix and a [B, B+M] bool positive mask
-  are built; the memory block is normalized by dividing its [B, M] logits by the [M]
-  memory norms instead of copying the [M, D] memory.
+- Extra candidates, rows scored after the batch's own and never anchors: images are scored
+  against [batch texts; gathered texts; memory texts] and texts against [batch images; gathered
+  images; memory images]. Each set is an (image, text, labels) triple or None:
+  `gathered`: rows of this same step from elsewhere, computed by the current weights and
+    carrying gradient: other ranks' rows under DDP (har_ref/distributed.py), and in cached
+    accumulation the step's other micro-batches (har_ref/train/loop.py::loss_backward_by_blocks).
+  `memory`: the cross-batch memory (xbm.py): rows of earlier steps, detached and stale (an older
+    model computed them). With same-class positives a memory row of the anchor's own image (the
+    memory spans an epoch boundary, or is larger than the training set) is a positive of its
+    class like any other same-class row; docs/losses.md, "Cross-batch memory".
+  The loss treats both alike (it detaches neither); the names say what the caller hands over.
+  Without `labels` every extra row is a negative, and the triples' labels must be None.
+- Cost: per direction only a [B, B+N] logit matrix and a [B, B+N] bool positive mask are built
+  (N extra rows); the extra block is normalized by dividing its [B, N] logits by the [N] row
+  norms instead of copying the [N, D] rows.
 
 Compute the losses in float32 (call them outside autocast, on `.float()` embeddings):
 the logits are sums of 32k exponentials.
@@ -30,6 +36,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+Rows = tuple[Tensor, Tensor, "Tensor | None"]  # extra candidates: (images [N, D], texts [N, D], labels [N] or None)
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP sec. 2.5: temperature clipped so logits scale <= 100
 
@@ -50,32 +58,35 @@ def clamp_logit_scale_(logit_scale: Tensor, family: str) -> Tensor:
 def positive_mask(
     labels: Tensor | None,
     batch_size: int,
-    memory_labels: Tensor | None = None,
-    memory_size: int = 0,
+    extra_labels: Tensor | None = None,
+    extra_size: int = 0,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Bool [B, B+M]: entry (i, j) is True when candidate j is a positive for anchor i.
+    """Bool [B, B+N]: entry (i, j) is True when candidate j is a positive for anchor i.
 
-    Candidates are [batch; memory]. With labels, positives are same-class pairs (the diagonal
-    is always one, since pair i has labels[i]); without, only (i, i) is.
+    Candidates are [batch; N extra rows (gathered, then memory)]. With labels, positives are
+    same-class pairs (the diagonal is always one, since pair i has labels[i]); without, only (i, i) is.
     """
     if labels is None:
-        if memory_labels is not None:
-            raise ValueError("memory_labels were given without labels; pass the batch class labels too.")
-        return torch.eye(batch_size, batch_size + memory_size, dtype=torch.bool, device=device)
-    if memory_size > 0 and memory_labels is None:
-        raise ValueError("Memory embeddings were given with batch labels but no memory_labels; pass memory_labels.")
-    candidate_labels = labels if memory_labels is None else torch.cat([labels, memory_labels.to(labels.device)])
+        if extra_labels is not None:
+            raise ValueError("Extra candidates (gathered or memory rows) came with labels but the batch has "
+                             "none; pass the batch class labels too, or no labels for the extra rows.")
+        return torch.eye(batch_size, batch_size + extra_size, dtype=torch.bool, device=device)
+    if extra_size > 0 and extra_labels is None:
+        raise ValueError("Extra candidates (gathered or memory rows) came without labels but the batch has "
+                         "labels; pass the extra rows' class labels too.")
+    candidate_labels = labels if extra_labels is None else torch.cat([labels, extra_labels.to(labels.device)])
     return labels[:, None] == candidate_labels[None, :]
 
 
-def balanced_pos_weight(labels: Tensor, memory_labels: Tensor | None = None) -> float:
-    """Class-balanced SigLIP positive weight: (#negative pairs) / (#positive pairs) of the [B, B+M] mask.
+def balanced_pos_weight(labels: Tensor, *extra_labels: Tensor) -> float:
+    """Class-balanced SigLIP positive weight: (#negative pairs) / (#positive pairs) of the [B, B+N] mask.
 
-    With it, positives and negatives carry equal total weight in siglip_loss. Counted per class
-    with bincount (sum_c n_batch[c] * n_candidates[c] positives), so no mask is built.
+    With it, positives and negatives carry equal total weight in siglip_loss. `extra_labels`: the
+    labels of the extra candidates (the gathered rows', the memory rows'). Counted per class with
+    bincount (sum_c n_batch[c] * n_candidates[c] positives), so no mask is built.
     """
-    candidate_labels = labels if memory_labels is None else torch.cat([labels, memory_labels.to(labels.device)])
+    candidate_labels = torch.cat([labels] + [x.to(labels.device) for x in extra_labels])
     num_classes = int(candidate_labels.max()) + 1
     batch_counts = torch.bincount(labels, minlength=num_classes)
     candidate_counts = torch.bincount(candidate_labels, minlength=num_classes)
@@ -84,23 +95,33 @@ def balanced_pos_weight(labels: Tensor, memory_labels: Tensor | None = None) -> 
     return (num_pairs - num_positive) / num_positive
 
 
-def _scaled_cosine_logits(anchors: Tensor, candidates: Tensor, memory: Tensor | None, scale: Tensor) -> Tensor:
-    """scale * cos(anchor_i, candidate_j) for candidates [batch; memory] -> [B, B+M]."""
-    scaled_anchors = F.normalize(anchors, dim=-1) * scale  # scale the [B, D] side, not the [B, B+M] logits
+def _scaled_cosine_logits(anchors: Tensor, candidates: Tensor, extra: Tensor | None, scale: Tensor) -> Tensor:
+    """scale * cos(anchor_i, candidate_j) for candidates [batch; extra rows] -> [B, B+N]."""
+    scaled_anchors = F.normalize(anchors, dim=-1) * scale  # scale the [B, D] side, not the [B, B+N] logits
     logits = scaled_anchors @ F.normalize(candidates, dim=-1).T
-    if memory is None:
+    if extra is None:
         return logits
-    memory = memory.to(anchors.dtype)
-    # Same as F.normalize(memory) (x / max(|x|, eps)) without an [M, D] copy: divide the columns.
-    # In place: the matmul's backward needs its inputs, not its output, so no [B, M] copy either.
-    memory_norms = memory.norm(dim=-1).clamp_min(1e-12)
-    return torch.cat([logits, (scaled_anchors @ memory.T).div_(memory_norms)], dim=1)
+    extra = extra.to(anchors.dtype)
+    # Same as F.normalize(extra) (x / max(|x|, eps)) without an [N, D] copy: divide the columns.
+    # In place: the matmul's backward needs its inputs, not its output, so no [B, N] copy either.
+    extra_norms = extra.norm(dim=-1).clamp_min(1e-12)
+    return torch.cat([logits, (scaled_anchors @ extra.T).div_(extra_norms)], dim=1)
 
 
-def _check_memory(memory_image: Tensor | None, memory_text: Tensor | None) -> int:
-    if (memory_image is None) != (memory_text is None):
-        raise ValueError("Only one of memory_image / memory_text was given; pass both or neither.")
-    return 0 if memory_image is None else memory_image.shape[0]
+def extra_rows(gathered: Rows | None, memory: Rows | None) -> Rows | None:
+    """The extra candidates as one (images, texts, labels) triple: gathered rows, then memory rows.
+
+    Only when both are given are they concatenated (an [N, D] copy); one is passed through as is.
+    """
+    parts = [tuple(rows) for rows in (gathered, memory) if rows is not None]
+    if len(parts) < 2:
+        return parts[0] if parts else None
+    (g_image, g_text, g_labels), (m_image, m_text, m_labels) = parts
+    if (g_labels is None) != (m_labels is None):
+        raise ValueError("Gathered rows and memory rows must both have labels or both have none; "
+                         "pass the class labels of both, or of neither.")
+    labels = None if g_labels is None else torch.cat([g_labels, m_labels])
+    return torch.cat([g_image, m_image]), torch.cat([g_text, m_text]), labels
 
 
 def _soft_target_cross_entropy(logits: Tensor, positives: Tensor) -> Tensor:
@@ -116,24 +137,25 @@ def clip_loss(
     text_emb: Tensor,
     logit_scale: Tensor,
     labels: Tensor | None = None,
-    memory_image: Tensor | None = None,
-    memory_text: Tensor | None = None,
-    memory_labels: Tensor | None = None,
+    gathered: Rows | None = None,
+    memory: Rows | None = None,
 ) -> Tensor:
-    """Symmetric InfoNCE (CLIP paper, Fig. 3 pseudocode), with multi-positive soft targets and memory.
+    """Symmetric InfoNCE (CLIP paper, Fig. 3 pseudocode), with multi-positive soft targets and extra
+    candidates (gathered rows, memory rows: the module docstring says which is which).
 
     loss = (CE_image->text + CE_text->image) / 2, each CE the mean over the B anchors of that
     direction of  -sum_j q_ij log softmax_j(exp(t) * cos(anchor_i, candidate_j)),  q_ij = 1/|P_i| on
     the positives P_i of anchor i and 0 elsewhere. With one positive per row this is open_clip's ClipLoss.
     The same loss written plainly, the specification the tests hold this one to: `clip_loss_plain`.
     """
-    memory_size = _check_memory(memory_image, memory_text)
-    positives = positive_mask(labels, image_emb.shape[0], memory_labels, memory_size, image_emb.device)
+    extra_image, extra_text, extra_labels = extra_rows(gathered, memory) or (None, None, None)
+    extra_size = 0 if extra_image is None else extra_image.shape[0]
+    positives = positive_mask(labels, image_emb.shape[0], extra_labels, extra_size, image_emb.device)
     scale = logit_scale.exp()
     # Same labels on both sides, so one mask serves both directions. One direction at a time:
-    # its [B, B+M] logits are freed before the other direction's are built.
-    image_to_text = _soft_target_cross_entropy(_scaled_cosine_logits(image_emb, text_emb, memory_text, scale), positives)
-    text_to_image = _soft_target_cross_entropy(_scaled_cosine_logits(text_emb, image_emb, memory_image, scale), positives)
+    # its [B, B+N] logits are freed before the other direction's are built.
+    image_to_text = _soft_target_cross_entropy(_scaled_cosine_logits(image_emb, text_emb, extra_text, scale), positives)
+    text_to_image = _soft_target_cross_entropy(_scaled_cosine_logits(text_emb, image_emb, extra_image, scale), positives)
     return (image_to_text + text_to_image) / 2
 
 
@@ -156,30 +178,31 @@ def siglip_loss(
     logit_bias: Tensor,
     labels: Tensor | None = None,
     pos_weight: float | None = None,
-    memory_image: Tensor | None = None,
-    memory_text: Tensor | None = None,
-    memory_labels: Tensor | None = None,
+    gathered: Rows | None = None,
+    memory: Rows | None = None,
 ) -> Tensor:
-    """Pairwise sigmoid loss (SigLIP paper, eq. 1), with multi-positive labels, pos_weight and memory.
+    """Pairwise sigmoid loss (SigLIP paper, eq. 1), with multi-positive labels, pos_weight and extra
+    candidates (gathered rows, memory rows: the module docstring says which is which).
 
     Per direction:  -(1/B) sum_i sum_j w_ij log sigmoid(z_ij (exp(t) cos(anchor_i, candidate_j) + b)),
     z_ij = +1 on positives and -1 elsewhere, w_ij = pos_weight on positives (1 if None) and 1 elsewhere.
     B is the number of anchor rows (images or texts of the batch).
-    loss = (image->text + text->image) / 2. Without memory the two directions are the same sum
+    loss = (image->text + text->image) / 2. Without extra rows the two directions are the same sum
     (one logit matrix is the other's transpose), so the loss is exactly eq. 1 with N = B, as in
-    open_clip's SigLipLoss and transformers' SiglipModel. With memory each batch pair keeps weight
-    1/B and each (anchor, memory) pair gets 1/(2B): it appears in one direction only.
-    `balanced_pos_weight(labels, memory_labels)` gives the pos_weight that balances the two classes.
+    open_clip's SigLipLoss and transformers' SiglipModel. With extra rows each batch pair keeps weight
+    1/B and each (anchor, extra row) pair gets 1/(2B): it appears in one direction only.
+    `balanced_pos_weight(labels, extra_labels)` gives the pos_weight that balances the two classes.
     The same loss written plainly, the specification the tests hold this one to: `siglip_loss_plain`.
     """
-    memory_size = _check_memory(memory_image, memory_text)
+    extra_image, extra_text, extra_labels = extra_rows(gathered, memory) or (None, None, None)
+    extra_size = 0 if extra_image is None else extra_image.shape[0]
     # y_ij = (z_ij + 1) / 2 as floats, built once: both directions' BCE keep it for their backward.
-    targets = positive_mask(labels, image_emb.shape[0], memory_labels, memory_size, image_emb.device).to(image_emb.dtype)
+    targets = positive_mask(labels, image_emb.shape[0], extra_labels, extra_size, image_emb.device).to(image_emb.dtype)
     scale = logit_scale.exp()
-    # One direction at a time, so only one [B, B+M] logit matrix is alive at once besides the saved ones.
-    image_to_text = _sigmoid_loss(_scaled_cosine_logits(image_emb, text_emb, memory_text, scale) + logit_bias,
+    # One direction at a time, so only one [B, B+N] logit matrix is alive at once besides the saved ones.
+    image_to_text = _sigmoid_loss(_scaled_cosine_logits(image_emb, text_emb, extra_text, scale) + logit_bias,
                                   targets, pos_weight)
-    text_to_image = _sigmoid_loss(_scaled_cosine_logits(text_emb, image_emb, memory_image, scale) + logit_bias,
+    text_to_image = _sigmoid_loss(_scaled_cosine_logits(text_emb, image_emb, extra_image, scale) + logit_bias,
                                   targets, pos_weight)
     return (image_to_text + text_to_image) / 2
 
@@ -187,30 +210,27 @@ def siglip_loss(
 # --- The plain equations ------------------------------------------------------------------------
 # The two losses written as the papers write them, in the spirit of big_vision's eight-line
 # `loss_fn` (big_vision/trainers/proj/image_text/siglip.py): normalize, build every logit, one line per term.
-# They build full [B, B+M] float matrices and copy the memory; tests/test_losses.py checks the
+# They build full [B, B+N] float matrices and copy the extra rows; tests/test_losses.py checks the
 # optimized functions above against them (values and gradients, float64).
 
-def _plain_pairs(image_emb, text_emb, labels, memory_image, memory_text, memory_labels):
-    """Unit embeddings, unit candidates [batch; memory] and the [B, B+M] positive mask as floats."""
-    if labels is None:  # pair i is its own class; memory rows match nothing
+def _plain_pairs(image_emb, text_emb, labels, gathered, memory):
+    """Unit embeddings, unit candidates [batch; gathered; memory] and the [B, B+N] positive mask as floats."""
+    extra = [rows for rows in (gathered, memory) if rows is not None]
+    if labels is None:  # pair i is its own class; extra rows match nothing
         labels = torch.arange(image_emb.shape[0], device=image_emb.device)
-        memory_labels = None if memory_image is None else labels.new_full((len(memory_image),), -1)
+        extra = [(image, text, labels.new_full((len(image),), -1)) for image, text, _ in extra]
     img, txt = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
-    img_candidates, txt_candidates, candidate_labels = img, txt, labels
-    if memory_image is not None:
-        img_candidates = torch.cat([img, F.normalize(memory_image, dim=-1)])
-        txt_candidates = torch.cat([txt, F.normalize(memory_text, dim=-1)])
-        candidate_labels = torch.cat([labels, memory_labels])
+    img_candidates = torch.cat([img] + [F.normalize(image, dim=-1) for image, _, _ in extra])
+    txt_candidates = torch.cat([txt] + [F.normalize(text, dim=-1) for _, text, _ in extra])
+    candidate_labels = torch.cat([labels] + [extra_labels for _, _, extra_labels in extra])
     positives = (labels[:, None] == candidate_labels[None, :]).to(img.dtype)
     return img, txt, img_candidates, txt_candidates, positives
 
 
 def clip_loss_plain(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, labels: Tensor | None = None,
-                    memory_image: Tensor | None = None, memory_text: Tensor | None = None,
-                    memory_labels: Tensor | None = None) -> Tensor:
+                    gathered: Rows | None = None, memory: Rows | None = None) -> Tensor:
     """Symmetric InfoNCE (CLIP paper, Fig. 3), targets uniform over each row's positives: `clip_loss`, plainly."""
-    img, txt, img_candidates, txt_candidates, positives = _plain_pairs(
-        image_emb, text_emb, labels, memory_image, memory_text, memory_labels)
+    img, txt, img_candidates, txt_candidates, positives = _plain_pairs(image_emb, text_emb, labels, gathered, memory)
     targets = positives / positives.sum(dim=1, keepdim=True)
     logits_per_image = logit_scale.exp() * img @ txt_candidates.T
     logits_per_text = logit_scale.exp() * txt @ img_candidates.T
@@ -221,12 +241,10 @@ def clip_loss_plain(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, la
 
 def siglip_loss_plain(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, logit_bias: Tensor,
                       labels: Tensor | None = None, pos_weight: float | None = None,
-                      memory_image: Tensor | None = None, memory_text: Tensor | None = None,
-                      memory_labels: Tensor | None = None) -> Tensor:
+                      gathered: Rows | None = None, memory: Rows | None = None) -> Tensor:
     """SigLIP eq. 1, -1/n sum_ij w_ij log sigmoid(z_ij (t x_i . y_j + b)), both ways: `siglip_loss`, plainly."""
     n = image_emb.shape[0]
-    zimg, ztxt, img_candidates, txt_candidates, positives = _plain_pairs(
-        image_emb, text_emb, labels, memory_image, memory_text, memory_labels)
+    zimg, ztxt, img_candidates, txt_candidates, positives = _plain_pairs(image_emb, text_emb, labels, gathered, memory)
     z = 2 * positives - 1  # +1 on positives, -1 elsewhere (big_vision: 2 * eye(n) - 1)
     weights = 1 + ((pos_weight or 1.0) - 1) * positives  # pos_weight on positives, 1 elsewhere
     logits_per_image = logit_scale.exp() * zimg @ txt_candidates.T + logit_bias

@@ -15,7 +15,8 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import distributed as dist
-from ..data.folders import ImageFolderDataset, build_splits, make_train_loader, non_image_files, write_skipped
+from ..data.folders import (ImageFolderDataset, build_splits, hold_out, make_train_loader, non_image_files,
+                            random_labels, write_items, write_skipped)
 from ..data.image_cache import CachedImageDataset
 from ..data.prompts import DEFAULT_PROMPTS, PromptBank, PromptSampler
 from ..model.dual_encoder import DualEncoder, load_model
@@ -44,15 +45,18 @@ class EmbedBoth(nn.Module):
 
 
 def choose_loss(cfg: TrainConfig, model: DualEncoder):
-    """The family's loss with its settings bound, once: (image, text, labels, memory) -> loss.
-    `memory` is (images, texts, labels) of the extra candidates (other ranks, XBM) or Nones."""
+    """The family's loss with its settings bound, once: (image, text, labels, gathered, memory) -> loss.
+    `gathered` and `memory` are (images, texts, labels) triples or None: this step's rows from other
+    ranks and micro-batches, and the cross-batch memory's (losses.py says what each is)."""
     if model.cfg.family == "clip":
-        return lambda image, text, labels, memory: clip_loss(image, text, model.logit_scale, labels, *memory)
+        return lambda image, text, labels, gathered, memory: clip_loss(image, text, model.logit_scale, labels,
+                                                                       gathered, memory)
     fixed = None if cfg.pos_weight in ("none", "balanced") else float(cfg.pos_weight)
 
-    def loss(image, text, labels, memory):
-        pos_weight = balanced_pos_weight(labels, memory[2]) if cfg.pos_weight == "balanced" else fixed
-        return siglip_loss(image, text, model.logit_scale, model.logit_bias, labels, pos_weight, *memory)
+    def loss(image, text, labels, gathered, memory):
+        extra_labels = [rows[2] for rows in (gathered, memory) if rows is not None]
+        pos_weight = balanced_pos_weight(labels, *extra_labels) if cfg.pos_weight == "balanced" else fixed
+        return siglip_loss(image, text, model.logit_scale, model.logit_bias, labels, pos_weight, gathered, memory)
     return loss
 
 
@@ -73,6 +77,9 @@ def setup(cfg: TrainConfig, weights: Path, data: Path, out: Path, resume: bool, 
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     tokenizer = load_tokenizer(weights)
     train_items, _, class_names = build_splits(data)
+    train_items, validation_items = hold_out(train_items, cfg.val_fraction)  # same images for every --seed
+    if cfg.shuffle_labels:
+        train_items = random_labels(train_items, len(class_names), cfg.seed)
     dataset = build_dataset(cfg, model, train_items, main)
     loader = make_train_loader(dataset, cfg.micro_batch, cfg.workers, cfg.seed, balanced=cfg.balanced_batches)
     if model.cfg.family == "siglip" and cfg.logit_bias_init != "checkpoint":  # before DDP copies rank 0's b
@@ -102,6 +109,8 @@ def setup(cfg: TrainConfig, weights: Path, data: Path, out: Path, resume: bool, 
         (out / "log.jsonl").write_text("")
         cfg.save(out / "train_config.json")
         save_label_space(run)
+        if validation_items:  # WiSE-FT chooses alpha on these (eval/wise_ft.py), never on test
+            write_items(out / "validation.csv", validation_items, class_names)
     if main:
         explain_batch(run)
     return run, state

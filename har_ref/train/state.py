@@ -45,7 +45,7 @@ class Run:
     dataset: torch.utils.data.Dataset
     loader: torch.utils.data.DataLoader
     prompts: PromptSampler
-    loss: Callable  # (image, text, labels, memory) -> loss, the family's, settings bound once (setup.py::choose_loss)
+    loss: Callable  # (image, text, labels, gathered, memory) -> loss, the family's, settings bound once (setup.py::choose_loss)
     total_steps: int
     main: bool  # rank 0 writes files and prints
     stop: StopRequest

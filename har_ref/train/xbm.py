@@ -1,21 +1,27 @@
 """Cross-batch memory (XBM; Wang et al., "Cross-Batch Memory for Embedding Learning", CVPR 2020).
 
 A ring buffer of detached, L2-normalized image and text embeddings of earlier steps with
-their class labels. The losses use them as extra candidates (never as anchors), so each
-anchor is scored against B + M candidates while only the B batch rows carry gradient.
+their class labels. The losses take them as their `memory` candidates (never anchors), so each
+anchor is scored against B + M candidates while only the B batch rows carry gradient (unlike the
+losses' `gathered` rows: this step's rows from other ranks or micro-batches, which carry it).
 The XBM paper's observation is that embeddings drift slowly once training settles, so
 old embeddings are still useful negatives/positives; the warm-up skips the fast-drifting
 start.
 
 Training-loop call order (one optimizer step or micro-batch):
 
-    memory = xbm.get() or (None, None, None)      # read BEFORE this batch is enqueued
-    loss = clip_loss(img, txt, logit_scale, labels, *memory)
-    #   or siglip_loss(img, txt, logit_scale, logit_bias, labels, pos_weight, *memory)
+    memory = xbm.get()                            # read BEFORE this batch is enqueued
+    loss = clip_loss(img, txt, logit_scale, labels, memory=memory)
+    #   or siglip_loss(img, txt, logit_scale, logit_bias, labels, pos_weight, memory=memory)
     loss.backward()
     xbm.enqueue(img, txt, labels)                 # after backward
 
-Reading first means the current batch is never both a batch row and a memory row.
+Reading first means the current batch is never both a batch row and a memory row. It does not
+keep an image's earlier rows out: once the memory spans an epoch boundary (always, when it holds
+more rows than the training set has images: the SigLIP preset's 32,000 against about 10,700) an
+anchor can meet a stale row of its own image. It carries the anchor's class label, so with class
+labels (training always passes them) it is a positive, like every other row of the class; the
+losses never tell it apart from them. tests/test_xbm.py shows it.
 Enqueue after backward: `get()` returns views of the buffers (no 2 x [M, D] copy per
 step), which autograd has saved for the backward pass; writing them before backward
 makes autograd raise "modified by an inplace operation" instead of computing wrong
@@ -40,7 +46,7 @@ def _normalized(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 class Memory(NamedTuple):
-    """Filled memory entries; unpacks as (image, text, labels), matching the losses' memory arguments."""
+    """Filled memory entries; unpacks as (image, text, labels), the triple the losses take as `memory`."""
 
     image: Tensor  # [M, D], L2-normalized, no grad
     text: Tensor  # [M, D], L2-normalized, no grad

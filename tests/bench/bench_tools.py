@@ -105,8 +105,8 @@ def bench_losses(rounds: int, batch: int = 256, memory: int = 32_000, dim: int =
     scale, bias = torch.tensor(2.3, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
     pos_weight = balanced_pos_weight(labels, mem.labels)
     steps = {
-        "clip_loss": lambda: clip_loss(image, text, scale, labels, *mem).backward(),
-        "siglip_loss": lambda: siglip_loss(image, text, scale, bias, labels, pos_weight, *mem).backward(),
+        "clip_loss": lambda: clip_loss(image, text, scale, labels, memory=mem).backward(),
+        "siglip_loss": lambda: siglip_loss(image, text, scale, bias, labels, pos_weight, memory=mem).backward(),
     }
     measured = interleaved(steps, rounds)
     return [dict(loss=name, batch=batch, memory=memory, dim=dim, **m) for name, m in measured.items()]
