@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.folders import ImageFolderDataset, build_splits, make_eval_loader
+from ..data.folders import (DEFAULT_SHIFT_SPLIT, ImageFolderDataset, build_splits, make_eval_loader, read_items,
+                            split_items)
 from ..data.prompts import PromptBank
 from ..model.dual_encoder import DualEncoder, load_model, save_model
 from ..model.tokenizer import TOKENIZER_FILES, load_tokenizer
@@ -59,22 +60,44 @@ def wise_ft(zero_shot: str | Path, fine_tuned: str | Path, alpha: float, out: st
 
 @torch.no_grad()
 def accuracy_curve(zero_shot: str | Path, fine_tuned: str | Path, data: str | Path,
-                   alphas=ALPHAS, batch_size: int = 128, autocast=None) -> list[dict]:
-    """Test accuracy and macro-F1 of theta(alpha) for each alpha, with the fine-tuned run's prompts.
-    `autocast`: the image tower's precision, as the run's own evaluation used it (then alpha = 1
-    reproduces the run's metrics.json exactly)."""
+                   alphas=ALPHAS, batch_size: int = 128, autocast=None,
+                   shift_split: str | None = DEFAULT_SHIFT_SPLIT) -> list[dict]:
+    """Accuracy and macro-F1 of theta(alpha) for each alpha, with the fine-tuned run's prompts: on the
+    test split ("accuracy", "macro_f1"), on the shifted test split ("shift", when DATA/<shift_split>/
+    exists) and on the run's validation part of train ("validation", when the run held one out: its
+    validation.csv), the split alpha is chosen on (best_alpha). `autocast`: the image tower's precision,
+    as the run's own evaluation used it (then alpha = 1 reproduces the run's metrics.json exactly)."""
     fine_tuned = Path(fine_tuned)
     a, b = load_model(zero_shot), load_model(fine_tuned)
     tokenizer = load_tokenizer(fine_tuned)
     _, test_items, class_names = build_splits(data)
+    splits = {"test": test_items}
+    if shift_split and (Path(data) / shift_split).is_dir():
+        splits["shift"] = split_items(data, shift_split, class_names)
+    if (fine_tuned / "validation.csv").is_file():
+        splits["validation"] = read_items(fine_tuned / "validation.csv", class_names)
     prompts = fine_tuned / "prompts.json" if (fine_tuned / "prompts.json").is_file() else None
     bank = PromptBank.from_file(prompts, class_names)
-    loader = make_eval_loader(ImageFolderDataset(test_items, build_transform(b.cfg, train=False)), batch_size, 0)
+    transform = build_transform(b.cfg, train=False)
+    loaders = {name: make_eval_loader(ImageFolderDataset(items, transform), batch_size, 0)
+               for name, items in splits.items()}
     curve = []
     for alpha in alphas:
         model = interpolate(a, b, alpha)
-        image_emb, labels, _ = embed_images(model, loader, autocast)
-        logits = model.score(image_emb, class_embeddings(model, tokenizer, bank, class_names))
-        m = compute_metrics(labels, logits.argmax(1).numpy(), class_names)
-        curve.append({"alpha": alpha, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
+        text = class_embeddings(model, tokenizer, bank, class_names)
+        point = {"alpha": alpha}
+        for name, loader in loaders.items():
+            image_emb, labels, _ = embed_images(model, loader, autocast)
+            m = compute_metrics(labels, model.score(image_emb, text).argmax(1).numpy(), class_names)
+            scores = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
+            point.update(scores) if name == "test" else point.update({name: scores})
+        curve.append(point)
     return curve
+
+
+def best_alpha(curve: list[dict]) -> float:
+    """The alpha of the highest validation macro-F1 (the smallest such alpha on ties); never chosen on test."""
+    if not all("validation" in p for p in curve):
+        raise ValueError("choosing alpha needs the run's validation part of train: fine-tune with "
+                         "--val-fraction (e.g. 0.2) so the run holds one out.")
+    return max(curve, key=lambda p: (p["validation"]["macro_f1"], -p["alpha"]))["alpha"]
