@@ -15,7 +15,8 @@ run directory's prompts.json, else the packaged one. Each model's header names b
 JSON only). Images are decoded and embedded --batch-size at a time, so a folder of
 thousands never holds all its pixels at once; unreadable images are skipped with one line on
 stderr each, and only when none could be read is that an error (exit status 2).
-With --true and --panel it draws the study's compare_viz panel for one image.
+With --true and --panel it draws the study's compare_viz panel for one image, with each model's
+attention map over it (explain.py::attention_map: CLIP's rollout, SigLIP's probe attention).
 """
 from __future__ import annotations
 
@@ -28,12 +29,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .compare_viz import compare_panel
+from .compare_viz import compare_panel, fitted
 from ..model.config import ModelConfig
 from ..data.folders import IMAGE_EXTENSIONS
 from ..data.prompts import DEFAULT_PROMPTS, PromptBank
 from .embed import class_embeddings
 from .evaluate import MODEL_NAMES
+from .explain import ATTENTION_MAP_NAMES, attention_map, pixel_mass
 from ..model.dual_encoder import load_model
 from ..data.classes import CLASS_NAMES
 from ..model.tokenizer import load_tokenizer
@@ -145,10 +147,13 @@ class Predictor:
         self.transform = build_transform(self.model.cfg, train=False)
         self.class_emb = class_embeddings(self.model, load_tokenizer(self.weights), self.bank, self.class_names)
 
+    def pixels(self, images: list) -> torch.Tensor:
+        """Decoded images through the model's eval transform, [B, 3, S, S] on the device."""
+        return torch.stack([self.transform(image) for image in images]).to(self.device)
+
     @torch.no_grad()
-    def logits(self, images: list) -> torch.Tensor:
-        """[B, K] logits of decoded images against the classes (the same path as evaluate, embed.py)."""
-        pixels = torch.stack([self.transform(image) for image in images]).to(self.device)
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, K] logits of the images against the classes (the same path as evaluate, embed.py)."""
         image_emb = F.normalize(self.model.encode_image(pixels).float(), dim=-1)
         return self.model.score(image_emb, self.class_emb).cpu()
 
@@ -162,7 +167,7 @@ class Predictor:
             batch = decode_batch(paths[start:start + batch_size], bad)
             if not batch:
                 continue
-            probs = probabilities(self.logits([image for _, image in batch]), self.family)
+            probs = probabilities(self.logits(self.pixels([image for _, image in batch])), self.family)
             for (path, _), row in zip(batch, probs):
                 top = row.topk(k)
                 yield path, [(self.class_names[i], v) for v, i in zip(top.values.tolist(), top.indices.tolist())]
@@ -193,6 +198,7 @@ def run_predict(weights: list[str], images: list[str], class_names: list[str] | 
     text = sys.stderr if json_path == "-" else sys.stdout  # `--json -`: stdout holds JSON lines only
     bad: dict[Path, str] = {}
     predictions: dict[str, list[str]] = {}
+    panel_maps: dict[str, tuple[torch.Tensor, ModelConfig]] = {}  # caption -> (the map, its model's config)
     with (open(json_path, "w") if json_path not in (None, "-") else nullcontext(sys.stdout)) as out:
         for p in predictors:
             p.load()
@@ -212,6 +218,9 @@ def run_predict(weights: list[str], images: list[str], class_names: list[str] | 
                                           "family": p.family, "probability": p.kind, "source": p.source,
                                           "top_k": [{"class": c, "probability": v} for c, v in ranked]}) + "\n")
                     out.flush()
+            if panel is not None and predictions[name]:
+                attention = attention_map(p.model, p.pixels([load_image(paths[0])]))[0].cpu()
+                panel_maps[f"{name}: {ATTENTION_MAP_NAMES[p.family]}"] = (attention, p.model.cfg)
             p.unload()
             if not predictions[name]:
                 raise ValueError(f"none of the {len(paths)} image(s) could be decoded (each is named above); "
@@ -219,6 +228,9 @@ def run_predict(weights: list[str], images: list[str], class_names: list[str] | 
     if json_path not in (None, "-"):
         print(f"wrote {json_path}", file=text)
     if panel is not None:
-        compare_panel(load_image(paths[0]), true_class, {m: top1[0] for m, top1 in predictions.items()}).save(panel)
+        image = load_image(paths[0])
+        shown = fitted(image).size
+        maps = {caption: pixel_mass(m, image.size, cfg, shown) for caption, (m, cfg) in panel_maps.items()}
+        compare_panel(image, true_class, {m: top1[0] for m, top1 in predictions.items()}, maps).save(panel)
         print(f"wrote {panel}", file=text)
     return predictions

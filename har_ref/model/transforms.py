@@ -77,20 +77,25 @@ def load_image(path: str | Path) -> Image.Image:
     return to_rgb(image)
 
 
-def _resize_and_crop(image: Image.Image, cfg: ModelConfig) -> Image.Image:
+def resize_geometry(width: int, height: int, cfg: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((resized width, height), (left, top) of the S x S crop in the resized image) of the eval transform."""
     size = cfg.vision.image_size
     if cfg.resize == "square":
-        return image.resize((size, size), Image.Resampling.BICUBIC)
+        return (size, size), (0, 0)
     if cfg.resize != "shortest_edge":
         raise ValueError(f"config.json: resize must be 'shortest_edge' or 'square', got {cfg.resize!r}.")
-    width, height = image.size
     # transformers' get_resize_output_image_size (= torchvision Resize(int)): the long side is floored.
     if width <= height:
         new_size = (size, int(size * height / width))
     else:
         new_size = (int(size * width / height), size)
+    return new_size, ((new_size[0] - size) // 2, (new_size[1] - size) // 2)
+
+
+def _resize_and_crop(image: Image.Image, cfg: ModelConfig) -> Image.Image:
+    size = cfg.vision.image_size
+    new_size, (left, top) = resize_geometry(*image.size, cfg)
     image = image.resize(new_size, Image.Resampling.BICUBIC)
-    left, top = (new_size[0] - size) // 2, (new_size[1] - size) // 2
     return image.crop((left, top, left + size, top + size))
 
 

@@ -1,0 +1,137 @@
+"""`python -m har_ref explain`: one PNG per image with each model's maps over it (Pillow only).
+
+For every image: the image, then one row per checkpoint with its name, its weights, its top-3 classes
+with the model's own probabilities (softmax for CLIP, sigmoid for SigLIP: predict.py's rule and code)
+and its maps (explain.py): the attention map (CLIP rollout, SigLIP probe attention) and one
+class-specific map per --class. Every map is drawn as mass per pixel of the image on one colour
+scale (compare_viz.py::map_overlay), so a 7x7 and a 14x14 grid read alike. Checkpoints, label
+spaces, image decoding and skipped files are predict's (predict.py::Predictor, decode_batch).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from .compare_viz import PANEL_IMAGE_PX, density, fitted, legend_top, map_legend, map_overlay
+from .evaluate import MODEL_NAMES
+from .explain import ATTENTION_MAP_NAMES, attention_map, class_maps, pixel_mass
+from .plots import FAINT_GREY, MARGIN, TEXT_PX, TITLE_PX, WHITE, display_name, draw_text, line_height, save_png, text_width
+from .predict import Predictor, collect_images, decode_batch, fmt, probabilities
+from ..model.config import ModelConfig
+from ..model.transforms import load_image
+
+GAP = 12
+
+
+@dataclass
+class ModelRow:
+    """One checkpoint's part of an image's picture."""
+
+    name: str
+    weights: Path
+    kind: str  # "softmax" | "sigmoid"
+    cfg: ModelConfig
+    top: list[tuple[str, float]]
+    maps: list[tuple[str, torch.Tensor]]  # (caption, [grid_h, grid_w] map)
+
+
+def explain_picture(image: Image.Image, title: str, rows: list[ModelRow]) -> Image.Image:
+    """The image, then per model its header lines and its maps over the image, and the colour legend."""
+    shown = fitted(image)
+    masses = [[pixel_mass(m, image.size, row.cfg, shown.size) for _, m in row.maps] for row in rows]
+    vmax = legend_top([float(density(mass).max()) for row in masses for mass in row])
+    lh = line_height(TEXT_PX) + 4
+    cell = PANEL_IMAGE_PX + GAP
+    headers = [[f"{row.name}  (weights: {row.weights})",
+                f"top-3, {row.kind}: " + ", ".join(f"{display_name(c)} {fmt(p)}" for c, p in row.top)] for row in rows]
+    row_h = 2 * lh + 4 + PANEL_IMAGE_PX + 4 + lh + GAP
+    maps_left = MARGIN + cell
+    width = max(maps_left + max(len(r.maps) for r in rows) * cell - GAP,
+                *(maps_left + i * cell + text_width(caption, TEXT_PX) for r in rows for i, (caption, _) in enumerate(r.maps)),
+                maps_left + max(text_width(t, TEXT_PX) for h in headers for t in h),
+                MARGIN + text_width(title, TITLE_PX)) + MARGIN
+    legend = map_legend(vmax, width - 2 * MARGIN)
+    top = MARGIN + line_height(TITLE_PX) + GAP
+    canvas = Image.new("RGB", (max(width, legend.width + 2 * MARGIN), top + len(rows) * row_h + legend.height + MARGIN),
+                       WHITE)
+    draw = ImageDraw.Draw(canvas)
+    draw_text(draw, (MARGIN, MARGIN), title, TITLE_PX)
+    canvas.paste(shown, (MARGIN + (PANEL_IMAGE_PX - shown.width) // 2, top + 2 * lh + 4))
+    draw_text(draw, (MARGIN, top + 2 * lh + 8 + PANEL_IMAGE_PX), f"{image.width}x{image.height} px", TEXT_PX, FAINT_GREY)
+    for r, (row, header, row_masses) in enumerate(zip(rows, headers, masses)):
+        y = top + r * row_h
+        draw_text(draw, (maps_left, y), header[0], TEXT_PX)
+        draw_text(draw, (maps_left, y + lh), header[1], TEXT_PX)
+        for i, ((caption, _), mass) in enumerate(zip(row.maps, row_masses)):
+            x = maps_left + i * cell
+            canvas.paste(map_overlay(shown, mass, vmax), (x + (PANEL_IMAGE_PX - shown.width) // 2, y + 2 * lh + 4))
+            draw_text(draw, (x, y + 2 * lh + 8 + PANEL_IMAGE_PX), caption, TEXT_PX)
+    canvas.paste(legend, (MARGIN, top + len(rows) * row_h))
+    return canvas
+
+
+def picture_names(paths: list[Path]) -> dict[Path, str]:
+    """A PNG name per image, unique: its path below the images' common folder, '/' as '--'
+    ("texting--0003.png"); two images that differ only in their extension keep it ("a.jpg.png")."""
+    common = Path(os.path.commonpath([p.resolve().parent for p in paths]))
+    stems = ["--".join(p.resolve().relative_to(common).with_suffix("").parts) for p in paths]
+    repeated = {s for s in stems if stems.count(s) > 1}
+    return {p: (f"{s}{p.suffix}" if s in repeated else s) + ".png" for p, s in zip(paths, stems)}
+
+
+def run_explain(weights: list[str], images: list[str], out: str | Path, explain_classes: list[str] | None = None,
+                class_names: list[str] | None = None, prompts: str | None = None,
+                batch_size: int = 32) -> list[Path]:
+    """Write OUT/<name>.png per decodable image (see picture_names); returns the paths written.
+
+    Raises ValueError/FileNotFoundError (one sentence each) on bad arguments, and ValueError when no
+    image could be decoded.
+    """
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}.")
+    paths = collect_images(images)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    predictors = [Predictor(w, class_names, prompts, device) for w in weights]
+    for p in predictors:
+        for c in explain_classes or []:
+            if c not in p.class_names:
+                raise ValueError(f"--class {c!r} is not one of {p.weights}'s classes: {', '.join(p.class_names)}.")
+    bad: dict[Path, str] = {}
+    rows: dict[Path, list[ModelRow]] = {}
+    names_taken: list[str] = []
+    for p in predictors:  # one checkpoint in memory at a time; its rows are small
+        p.load()
+        name = MODEL_NAMES[p.family]
+        name = f"{name} ({p.weights.name})" if name in names_taken else name
+        names_taken.append(name)
+        wanted = [p.class_names.index(c) for c in explain_classes or []]
+        for start in range(0, len(paths), batch_size):
+            batch = decode_batch(paths[start:start + batch_size], bad)
+            if not batch:
+                continue
+            pixels = p.pixels([image for _, image in batch])
+            probs = probabilities(p.logits(pixels), p.family)
+            maps = [(ATTENTION_MAP_NAMES[p.family], attention_map(p.model, pixels))]
+            maps += [(f"why {display_name(p.class_names[c])} (grad x attention)", m)
+                     for c, m in zip(wanted, class_maps(p.model, pixels, p.class_emb, wanted))]
+            for b, ((path, _), row) in enumerate(zip(batch, probs)):
+                top = row.topk(min(3, len(p.class_names)))
+                rows.setdefault(path, []).append(ModelRow(
+                    name, p.weights, p.kind, p.model.cfg,
+                    [(p.class_names[i], v) for v, i in zip(top.values.tolist(), top.indices.tolist())],
+                    [(caption, m[b].cpu()) for caption, m in maps]))
+        p.unload()
+    if not rows:
+        raise ValueError(f"none of the {len(paths)} image(s) could be decoded (each is named above); "
+                         "pass readable JPEG/PNG/BMP/WebP files.")
+    out = Path(out)
+    written = []
+    for path, name in picture_names(list(rows)).items():
+        written.append(out / name)
+        save_png(explain_picture(load_image(path), str(path), rows[path]), written[-1])
+        print(f"wrote {written[-1]}", flush=True)
+    return written
