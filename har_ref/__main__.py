@@ -77,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift-split", default="test_shift", help="also score DATA/<this>/ when it exists, into "
                                                                "metrics_shift.json ('' never)")
 
-    p = sub.add_parser("compare", help="CLIP-vs-SigLIP report from two run directories")
-    p.add_argument("run_clip")
-    p.add_argument("run_siglip")
+    p = sub.add_parser("compare", help="report comparing two run directories (e.g. CLIP and SigLIP); "
+                                       "differences are A - B, the verdict lines B - A")
+    p.add_argument("run_a", help="run directory A (e.g. runs/clip)")
+    p.add_argument("run_b", help="run directory B (e.g. runs/siglip)")
     p.add_argument("--out", required=True)
     p.add_argument("--resamples", type=int, default=10_000, help="paired bootstrap resamples")
     p.add_argument("--seed", type=int, default=0)
@@ -160,7 +161,7 @@ def run(args) -> None:
             print(f"{args.shift_split}: accuracy {m['shift']['accuracy']:.4f}  macro-F1 {m['shift']['macro_f1']:.4f}")
     elif args.command == "compare":
         from .eval.report import compare_runs
-        path = compare_runs(args.run_clip, args.run_siglip, args.out, n_resamples=args.resamples, seed=args.seed)
+        path = compare_runs(args.run_a, args.run_b, args.out, n_resamples=args.resamples, seed=args.seed)
         print(f"wrote {path}")
     elif args.command == "prompts":
         from .eval.prompt_ablation import ablate_prompts

@@ -123,6 +123,46 @@ def test_report_numbers_equal_metrics_functions(two_runs):
         assert f"| {name} | {ece:.3f} |" in md
 
 
+def test_report_shows_the_one_sided_fraction_and_ends_with_a_b_minus_a_verdict_per_metric(two_runs):
+    report, logits_a, logits_b, items = two_runs
+    md = report.read_text()
+    y = np.array([c for _, c in items])
+    pred_a, pred_b = logits_a.argmax(1), logits_b.argmax(1)
+    ma, mb = compute_metrics(y, pred_a, CLASSES), compute_metrics(y, pred_b, CLASSES)
+    boot = paired_bootstrap(y, pred_b, pred_a, CLASSES, RESAMPLES, 0)  # CLIP - SigLIP, as the report computes it
+    p = mcnemar_exact(y, pred_a, pred_b)["p_value"]
+    verdicts = md.rstrip().splitlines()[-2:]  # the report's last lines
+    for line, key, label in zip(verdicts, ("macro_f1", "accuracy"), ("Macro F1", "Accuracy")):
+        b = boot[key]
+        row = next(r for r in md.splitlines() if r.startswith(f"| {label} | {b['difference']:+.3f} | ["))
+        assert row.endswith(f"| {b['fraction_difference_le_0']:.3f} |"), row  # the one-sided fraction, shown
+        # SigLIP - CLIP: the observed difference, and the bootstrap's CI mirrored
+        assert line.startswith(f"- SigLIP − CLIP {'macro-F1' if key == 'macro_f1' else 'accuracy'} = "
+                               f"{mb[key] - ma[key]:+.3f} [{-b['ci95_high']:+.3f}, {-b['ci95_low']:+.3f}], "
+                               f"McNemar p = {p:.2g}: "), line
+        excludes_zero = b["ci95_low"] > 0 or b["ci95_high"] < 0
+        expected = ("significant at 5%" if excludes_zero and p < 0.05 else
+                    "not significant at 5%" if not excludes_zero and p >= 0.05 else "mixed at 5%")
+        assert line.split(": ", 1)[1].startswith(expected), line
+    saved = json.loads((report.parent / "comparison.json").read_text())
+    assert saved["verdict"] == [v[2:] for v in verdicts]
+
+
+def test_verdict_follows_the_tests(test_images, tmp_path):
+    strong, weak = fake_logits(test_images, 5, 50.0), fake_logits(test_images, 6, -50.0)  # always / never right
+    make_run(tmp_path / "a", test_images, weak, "CLIP", "clip", log=False)
+    make_run(tmp_path / "b", test_images, strong, "SigLIP", "siglip", log=False)
+    md = compare_runs(tmp_path / "a", tmp_path / "b", tmp_path / "out", n_resamples=RESAMPLES).read_text()
+    f1_gap = 1.0 - compute_metrics(np.array([c for _, c in test_images]), weak.argmax(1), CLASSES)["macro_f1"]
+    assert md.rstrip().splitlines()[-2].startswith(f"- SigLIP − CLIP macro-F1 = {f1_gap:+.3f} [")
+    assert md.rstrip().splitlines()[-1].startswith("- SigLIP − CLIP accuracy = +1.000 [+1.000, +1.000]")
+    assert md.rstrip().endswith("significant at 5%") and "not significant" not in md.split("## Verdict")[1]
+    make_run(tmp_path / "c", test_images, weak, "SigLIP", "siglip", log=False)  # the same predictions as A
+    md = compare_runs(tmp_path / "a", tmp_path / "c", tmp_path / "out2", n_resamples=RESAMPLES).read_text()
+    assert md.rstrip().splitlines()[-1] == ("- SigLIP − CLIP accuracy = +0.000 [+0.000, +0.000], McNemar p = 1: "
+                                            "not significant at 5%")
+
+
 def test_report_links_only_existing_pngs(two_runs):
     report = two_runs[0]
     md = report.read_text()

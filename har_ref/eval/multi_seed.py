@@ -67,8 +67,14 @@ def difference(runs_a: Sequence[str | Path], runs_b: Sequence[str | Path], suffi
             "accuracy": boot["accuracy"]["difference"]}
 
 
-def verdict(label: str, d: dict, alpha: float = 0.05) -> str:
-    """One line, e.g. "SigLIP - CLIP macro-F1 = +0.026 [+0.004, +0.048], McNemar p = 0.03: significant at 5%"."""
+METRIC_LABELS = {"macro_f1": "macro-F1", "accuracy": "accuracy"}
+
+
+def verdict(label: str, d: dict, alpha: float = 0.05, metric: str = "macro_f1") -> str:
+    """One line, e.g. "SigLIP - CLIP macro-F1 = +0.026 [+0.004, +0.048], McNemar p = 0.03: significant at 5%".
+
+    `d`: {metric: the difference named by `label`, "ci95": its [lo, hi], "mcnemar_p": p}. Significant when
+    the CI excludes 0 and McNemar rejects; "mixed" when only one of the two does."""
     lo, hi = d["ci95"]
     excludes_zero = lo > 0 or hi < 0
     significant = excludes_zero and d["mcnemar_p"] < alpha
@@ -76,5 +82,5 @@ def verdict(label: str, d: dict, alpha: float = 0.05) -> str:
                  f"not significant at {alpha:.0%}" if not excludes_zero and d["mcnemar_p"] >= alpha else
                  f"mixed at {alpha:.0%} (the CI {'excludes' if excludes_zero else 'includes'} 0, McNemar p "
                  f"{'<' if d['mcnemar_p'] < alpha else '>='} {alpha:g})")
-    return (f"{label} macro-F1 = {d['macro_f1']:+.3f} [{lo:+.3f}, {hi:+.3f}], McNemar p = {d['mcnemar_p']:.2g}: "
+    return (f"{label} {METRIC_LABELS[metric]} = {d[metric]:+.3f} [{lo:+.3f}, {hi:+.3f}], McNemar p = {d['mcnemar_p']:.2g}: "
             f"{judgement}")

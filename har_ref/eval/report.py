@@ -6,7 +6,8 @@ gap: paired bootstrap CIs, an exact McNemar test and calibration (ECE, reliabili
 
 Every metric is recomputed from the two predictions.csv files after aligning them image by
 image (by path), so both models are scored on exactly the same test images. Every difference
-in the report is A - B, A being the first run given.
+in the report is A - B, A being the first run given, except the closing verdict lines, which name
+theirs as B - A ("SigLIP - CLIP" for `compare runs/clip runs/siglip`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 from .compare_viz import compare_grid, compare_panel
 from .run_results import RunResults, align, load_run
 from .metrics import compute_metrics, mcnemar_exact, paired_bootstrap, reliability_diagram_data, softmax
+from .multi_seed import verdict
 from .charts import plot_epoch_times, plot_loss_curves, plot_reliability, plot_wise_ft
 from .plots import display_name, plot_confusion
 from ..model.transforms import load_image
@@ -59,14 +61,27 @@ def comparison_numbers(a: RunResults, b: RunResults, n_resamples: int, seed: int
                     "b": compute_metrics(y_true, pred_b, a.class_names)},
         "ece": {k: v["ece"] for k, v in reliability.items()},
         "reliability": reliability,
-        "bootstrap": {m: {"difference": bootstrap[m]["difference"], "ci95_low": bootstrap[m]["ci95_low"],
-                          "ci95_high": bootstrap[m]["ci95_high"]} for m in ("macro_f1", "accuracy")},
+        "bootstrap": {m: {k: bootstrap[m][k] for k in ("difference", "ci95_low", "ci95_high", "fraction_difference_le_0")}
+                      for m in ("macro_f1", "accuracy")},
         "n_resamples": n_resamples,
         "seed": seed,
         "mcnemar": mcnemar_exact(y_true, pred_a, pred_b),  # b: only A right, c: only B right
         "correct": {"a": (pred_a == y_true).tolist(), "b": (pred_b == y_true).tolist()},
         "pred_b_aligned": [a.class_names[k] for k in pred_b],
     }
+
+
+def verdict_lines(names: tuple[str, str], numbers: dict) -> list[str]:
+    """One line per metric: B - A with its 95% paired-bootstrap CI and McNemar's p, and whether both call it
+    significant at 5% (multi_seed.verdict). The bootstrap holds A - B, so B - A is its exact negation
+    (written 0 - x, so that a zero prints as +0.000, not -0.000)."""
+    lines = []
+    for metric in ("macro_f1", "accuracy"):
+        boot = numbers["bootstrap"][metric]
+        b_minus_a = {metric: 0.0 - boot["difference"], "ci95": [0.0 - boot["ci95_high"], 0.0 - boot["ci95_low"]],
+                     "mcnemar_p": numbers["mcnemar"]["p_value"]}
+        lines.append(verdict(f"{names[1]} − {names[0]}", b_minus_a, metric=metric))
+    return lines
 
 
 def training_summary(log: list[dict]) -> dict:
@@ -291,10 +306,14 @@ def write_markdown(path: Path, a: RunResults, b: RunResults, names: tuple[str, s
 
     bs, mc = numbers["bootstrap"], numbers["mcnemar"]
     out += ["## Is the difference real? (paired tests on the same images)", ""]
-    out += _table(["Difference (A − B)", "Observed", "95% CI (paired bootstrap)", "CI excludes 0"],
+    out += _table(["Difference (A − B)", "Observed", "95% CI (paired bootstrap)", "CI excludes 0",
+                   "Resamples with A − B ≤ 0"],
                   [[label, _d(bs[k]["difference"]), f"[{_d(bs[k]['ci95_low'])}, {_d(bs[k]['ci95_high'])}]",
-                    "yes" if bs[k]["ci95_low"] > 0 or bs[k]["ci95_high"] < 0 else "no"]
+                    "yes" if bs[k]["ci95_low"] > 0 or bs[k]["ci95_high"] < 0 else "no",
+                    f"{bs[k]['fraction_difference_le_0']:.3f}"]
                    for label, k in (("Macro F1", "macro_f1"), ("Accuracy", "accuracy"))]) + [""]
+    out += ["The last column is a one-sided bootstrap p-value for \"A is better\": the share of resamples in "
+            "which A does not beat B (near 1 when B is better).", ""]
     out += [f"Exact McNemar test: {names[0]} right and {names[1]} wrong on {mc['b']} images, "
             f"{names[0]} wrong and {names[1]} right on {mc['c']}; p = {mc['p_value']:.4g}.", ""]
 
@@ -327,6 +346,11 @@ def write_markdown(path: Path, a: RunResults, b: RunResults, names: tuple[str, s
     out += _picture("compare_grid.png", "Both right / both wrong / only one model right")
     for file, category in files["examples"]:
         out += _picture(file, f"One test image: {category}")
+
+    out += ["## Verdict", "",
+            "B − A per metric, its 95% paired-bootstrap CI, and the exact McNemar p; significant when the CI "
+            "excludes 0 and McNemar rejects at 5%. These cover the choice of test images, not training randomness.",
+            ""] + [f"- {line}" for line in verdict_lines(names, numbers)]
     path.write_text("\n".join(out).rstrip() + "\n", encoding="utf-8")
 
 
@@ -342,6 +366,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, out_dir: str | Path, n_re
     report = out_dir / "report.md"
     write_markdown(report, a, b, names, numbers, files, examples_per_category)
     saved = {k: v for k, v in numbers.items() if k not in ("correct", "pred_b_aligned")}
-    saved.update(models={"a": names[0], "b": names[1]}, runs={"a": str(a.directory), "b": str(b.directory)})
+    saved.update(models={"a": names[0], "b": names[1]}, runs={"a": str(a.directory), "b": str(b.directory)},
+                 verdict=verdict_lines(names, numbers))
     (out_dir / "comparison.json").write_text(json.dumps(saved, indent=2) + "\n")
     return report
