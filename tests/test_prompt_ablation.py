@@ -30,7 +30,7 @@ def tiny_config(family: str, vocab_size: int = 64, eos: int = 63) -> ModelConfig
                        vision=VisionConfig(image_size=32, patch_size=8, width=32, layers=1, heads=2, mlp_dim=64),
                        text=TextConfig(vocab_size=vocab_size, context_length=24, width=32, layers=1, heads=2,
                                        mlp_dim=64, eos_token_id=eos, pad_token_id=eos),
-                       logit_bias_init=-2.0 if family == "siglip" else None)
+                       logit_bias=-2.0 if family == "siglip" else None)
 
 
 @pytest.fixture(scope="module")

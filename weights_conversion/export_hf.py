@@ -108,7 +108,7 @@ def export_config(cfg: ModelConfig, bos_token_id: int | None) -> dict:
         text.update(model_type="clip_text_model", projection_dim=cfg.embed_dim)
         vision.update(model_type="clip_vision_model", projection_dim=cfg.embed_dim)
         return dict(architectures=["CLIPModel"], model_type="clip", projection_dim=cfg.embed_dim,
-                    logit_scale_init_value=cfg.logit_scale_init, dtype="float32",
+                    logit_scale_init_value=cfg.logit_scale, dtype="float32",
                     text_config=text, vision_config=vision)
     # SigLIP's image embedding is the MAP head's output, so its width is the embedding size.
     text.update(model_type="siglip_text_model", projection_size=cfg.embed_dim)

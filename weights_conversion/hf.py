@@ -66,10 +66,10 @@ def convert_config(hf: dict, preprocessor: dict | None) -> ModelConfig:
         act=_activation(v["hidden_act"]), ln_eps=v["layer_norm_eps"], pool="cls" if clip else "map",
         patch_bias=not clip)
     pre = preprocessor or {}
+    # t and b are not taken from config.json (it holds transformers' init values): save_model writes
+    # the ones the converted tensors hold.
     return ModelConfig(
         family=family, embed_dim=embed_dim, vision=vision, text=text,
-        logit_scale_init=hf.get("logit_scale_init_value", 2.6592) if clip else 2.302585092994046,
-        logit_bias_init=None if clip else -10.0,
         image_mean=tuple(pre.get("image_mean", OPENAI_MEAN if clip else (0.5, 0.5, 0.5))),
         image_std=tuple(pre.get("image_std", OPENAI_STD if clip else (0.5, 0.5, 0.5))),
         resize="shortest_edge" if clip else "square")

@@ -31,8 +31,8 @@ def tiny_config(family: str, tok: dict) -> ModelConfig:
                         ln_eps=1e-5 if clip else 1e-6, causal=clip, pool="eos" if clip else "last",
                         eos_token_id=tok["eos_token_id"], eos_by_argmax=clip, pad_token_id=tok["pad_token_id"],
                         proj_bias=not clip),
-        logit_scale_init=2.6592 if clip else 2.302585092994046,
-        logit_bias_init=None if clip else -10.0,  # SigLIP sec. 3.2: t = log 10, b = -10
+        logit_scale=2.6592 if clip else 2.302585092994046,
+        logit_bias=None if clip else -10.0,  # SigLIP sec. 3.2: t = log 10, b = -10
         image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
         resize="shortest_edge" if clip else "square")
 

@@ -14,6 +14,9 @@ from pathlib import Path
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# config.json fields of earlier versions, read under their current names.
+RENAMED_FIELDS = {"logit_scale_init": "logit_scale", "logit_bias_init": "logit_bias"}
+
 
 @dataclass
 class VisionConfig:
@@ -58,8 +61,10 @@ class ModelConfig:
     embed_dim: int = 512
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    logit_scale_init: float = math.log(1 / 0.07)  # CLIP paper init; SigLIP uses log(10)
-    logit_bias_init: float | None = None  # SigLIP: -10 (SigLIP paper, sec. 3.2)
+    # The t and b the checkpoint's weights hold (save_model writes them from the tensors); a model
+    # built from this config without weights starts with them. Defaults: the papers' inits.
+    logit_scale: float = math.log(1 / 0.07)  # t, the log temperature: CLIP paper init; SigLIP's is log(10)
+    logit_bias: float | None = None  # b, SigLIP only: init -10 (SigLIP paper, sec. 3.2); None for CLIP
     # Image preprocessing, mirrored from the upstream image processors.
     image_mean: tuple[float, float, float] = OPENAI_MEAN
     image_std: tuple[float, float, float] = OPENAI_STD
@@ -92,6 +97,8 @@ class ModelConfig:
             )
         try:
             spec = json.loads(path.read_text())
+            if isinstance(spec, dict):
+                spec = {RENAMED_FIELDS.get(k, k): v for k, v in spec.items()}
             return cls(**spec)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON ({e}); re-convert the checkpoint.") from e
@@ -114,8 +121,8 @@ def siglip_base_patch16_224() -> ModelConfig:
         text=TextConfig(vocab_size=32000, context_length=64, width=768, heads=12, mlp_dim=3072,
                         act="gelu_tanh", ln_eps=1e-6, causal=False, pool="last", eos_token_id=1,
                         eos_by_argmax=False, pad_token_id=1, proj_bias=True),
-        logit_scale_init=math.log(10.0),
-        logit_bias_init=-10.0,
+        logit_scale=math.log(10.0),
+        logit_bias=-10.0,
         image_mean=(0.5, 0.5, 0.5),
         image_std=(0.5, 0.5, 0.5),
         resize="square",

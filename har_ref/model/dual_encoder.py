@@ -9,6 +9,7 @@ nothing is ever unpickled.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,9 +28,9 @@ class DualEncoder(nn.Module):
         self.cfg = cfg
         self.vision = VisionTransformer(cfg.vision, cfg.embed_dim)
         self.text = TextTransformer(cfg.text, cfg.embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale)))
         if cfg.family == "siglip":
-            self.logit_bias = nn.Parameter(torch.tensor(float(cfg.logit_bias_init or 0.0)))
+            self.logit_bias = nn.Parameter(torch.tensor(float(cfg.logit_bias or 0.0)))
         else:
             self.logit_bias = None
 
@@ -65,10 +66,12 @@ class DualEncoder(nn.Module):
 
 
 def save_model(model: DualEncoder, directory: str | Path) -> None:
-    """Write config.json and model.safetensors; the weights file is replaced atomically."""
+    """Write config.json and model.safetensors; the weights file is replaced atomically.
+    config.json states the t and b the weights hold (not the values the model was built with)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.cfg.save(directory)
+    bias = None if model.logit_bias is None else model.logit_bias.item()
+    replace(model.cfg, logit_scale=model.logit_scale.item(), logit_bias=bias).save(directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = directory / "model.safetensors.tmp"
     # One metadata key: safetensors writes the metadata map in hash order, which differs between
