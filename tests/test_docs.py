@@ -34,11 +34,12 @@ SOURCE_DIRS = PACKAGES + ("tests", "docs")  # a path starting here names a file 
 NOT_IN_THE_TREE = frozenset({
     # Files a run, a conversion, `prepare`, `pretrain` or a benchmark writes into its output directory
     # (named alone or under a placeholder such as OUT/ or runs/demo/; `har_ref/...` paths must exist).
-    "config.json", "train_config.json", "classes.json", "prompts.json", "metrics.json", "comparison.json",
+    "config.json", "train_config.json", "classes.json", "prompts.json", "metrics.json", "metrics_shift.json",
+    "comparison.json",
     "wise_ft.json", "manifest.json", "prepare_report.json", "prompt_ablation.json", "best_prompts.json",
     "report.md", "prompt_ablation.md", "bench.json",
     # ... and the tokenizer / processor files of a transformers checkpoint directory.
-    "vocab.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "vocab.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "preprocessor_config.json",
     # Other projects' files, always written with the project's name first.
     "open_clip/", "big_vision/",

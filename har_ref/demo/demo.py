@@ -44,8 +44,8 @@ def demo_dataset(out: Path, seed: int = 0) -> Path:
 
 def fine_tune_config(family: str, seed: int) -> TrainConfig:
     """The study's protocol scaled down, the same for both families: same-class positives, a cross-batch
-    memory, accumulation, bf16 autocast where the CPU has it, and class-balanced micro-batches (they let
-    a from-scratch SigLIP learn and cost nothing from a pretrained start; docs/losses.md, "Where b starts").
+    memory, accumulation, bf16 autocast where the CPU has it, and class-balanced micro-batches (why: docs/losses.md,
+    "Where b starts"; the ablation behind the choice: docs/benchmarks.md).
     No augmentation: the synthetic figures sit at one place and size, and random crops move them."""
     return TrainConfig(model=family, epochs=6, micro_batch=64, accum_steps=2, accum_mode="cached", xbm_size=256,
                        xbm_warmup_steps=20, lr=1e-4, weight_decay=0.05, warmup_steps=5, grad_clip=1.0,

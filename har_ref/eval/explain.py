@@ -175,7 +175,7 @@ def class_maps(model: DualEncoder, pixels: torch.Tensor, class_emb: torch.Tensor
 
 def patch_edges(image_size: tuple[int, int], cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     """The patch grid's column and row edges in the original image's pixel coordinates, through the
-    eval transform's resize and crop (transforms.py::resize_geometry): ([grid_w + 1], [grid_h + 1])."""
+    eval transform's resize and crop (model/transforms.py::resize_geometry): ([grid_w + 1], [grid_h + 1])."""
     width, height = image_size
     (new_w, new_h), (left, top) = resize_geometry(width, height, cfg)
     steps = cfg.vision.patch_size * np.arange(cfg.vision.image_size // cfg.vision.patch_size + 1)

@@ -113,12 +113,8 @@ def transformer_at_rows(transformer: Transformer, x: torch.Tensor, rows: torch.T
     token, last token). A block computes each output row from the whole input but independently of
     the other output rows, so the last block runs for the pooled row only: keys and values still
     come from every position, while the query projection, attention output, MLP and their backward
-    shrink from L rows to one. The earlier blocks run as in `Transformer.forward`.
-
-    Measured, forward + backward, fp32, 1 thread on the CPU (PYTHONPATH=. python tests/bench/bench_shortcuts.py):
-    CLIP ViT-B/32 image tower at batch 32, peak tensor memory 614 -> 561 MiB (-9%), time 21.2 -> 15.7 s;
-    CLIP text tower (12 blocks of width 512), batch 32 x 16 tokens, time 1.89 -> 1.72 s (-9%). The times
-    are one round on a loaded 2-core machine: expect the saving to be about a twelfth of the blocks' work.
+    shrink from L rows to one. The earlier blocks run as in `Transformer.forward`. What it saves:
+    tests/bench/bench_shortcuts.py measures it, docs/benchmarks.md has the figures.
     """
     *body, last = transformer.blocks
     for block in body:

@@ -125,11 +125,8 @@ class VisionTransformer(nn.Module):
         applied as one matmul over the flattened patches, and under a checkpoint whose backward
         recomputes the patch copy instead of keeping it: the step then holds only the pixels, which
         the caller holds anyway. On the CPU the convolution's backward allocates oneDNN buffers the
-        matmul does not. Like the convolution, it drops a partial last patch.
-
-        Measured, CLIP ViT-B/32 image tower at batch 32, forward + backward, fp32, 1 thread on the CPU
-        (PYTHONPATH=. python tests/bench/bench_shortcuts.py): peak tensor memory 896 -> 561 MiB (-37%);
-        time 21.2 -> 19.5 s, one round on a loaded 2-core machine (within noise).
+        matmul does not. Like the convolution, it drops a partial last patch. What it saves:
+        tests/bench/bench_shortcuts.py measures it, docs/benchmarks.md has the figures.
         """
         weight, bias = self.patch_embed.weight, self.patch_embed.bias
         if torch.is_grad_enabled():

@@ -164,7 +164,7 @@ def _sigmoid_loss(logits: Tensor, targets: Tensor, pos_weight: float | None) -> 
 
     With y = (z + 1) / 2 in {0, 1}, -log sigmoid(z * l) is binary cross-entropy with logits
     (-log sigmoid(l) if y = 1, -log(1 - sigmoid(l)) = -log sigmoid(-l) if y = 0), and BCE's
-    pos_weight multiplies exactly the y = 1 terms. About twice as fast on CPU as spelling out z.
+    pos_weight multiplies exactly the y = 1 terms. Faster on the CPU than spelling out z (docs/benchmarks.md).
     """
     weight = None if pos_weight is None else torch.tensor(pos_weight, dtype=logits.dtype, device=logits.device)
     total = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=weight, reduction="sum")
