@@ -94,17 +94,19 @@ def _class_members(cls: ast.ClassDef) -> dict[str, ast.AST]:
     return names
 
 
-def _lookup(scope: ast.AST, dotted: str) -> str | None:
+def _lookup(scope: ast.AST, dotted: str, scope_name: str) -> str | None:
     """None if `dotted` is defined in `scope` (a module or class, through nested classes); else why not."""
-    for depth, part in enumerate(dotted.split(".")):
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts):
+        where = scope_name + ("::" if scope_name.endswith(".py") else ".") + ".".join(parts[:depth]) if depth else scope_name
         if isinstance(scope, ast.Module):
             found = _members(scope.body).get(part)
         elif isinstance(scope, ast.ClassDef):
             found = _class_members(scope).get(part)
         else:
-            return f"{'.'.join(dotted.split('.')[:depth])} is not a class, so it has no {part!r}"
+            return f"{where} is not a class, so it has no {part!r}"
         if found is None:
-            return f"{'.'.join(dotted.split('.')[:depth]) or 'it'} defines no {part!r}"
+            return f"{where} defines no {part!r}"
         scope = found
     return None
 
@@ -182,8 +184,7 @@ def check_reference(path: str, name: str | None, root: Path = ROOT) -> str | Non
         return None
     if file.suffix != ".py":
         return f"{path} is not a Python file, so it defines no {name!r}"
-    problem = _lookup(_module(file.resolve()), name)
-    return f"{path}::{problem}" if problem else None
+    return _lookup(_module(file.resolve()), name, path)
 
 
 def _exempt_file(path: str) -> bool:
@@ -201,7 +202,7 @@ def _check_dotted(first: str, rest: str, modules_too: bool) -> str | None | bool
     if not classes and not modules:
         return False
     scopes = classes + modules + [c for m in modules for c in m.body if isinstance(c, ast.ClassDef)]
-    problems = [_lookup(scope, rest[1:]) for scope in scopes]
+    problems = [_lookup(scope, rest[1:], first) for scope in scopes]
     return None if None in problems else f"{first}{rest}: no class or module named {first!r} defines {rest[1:]!r}"
 
 
