@@ -1,4 +1,4 @@
-"""The demo's tiny dual encoders: each family's real architecture switches at ~0.35 M parameters.
+"""The demo's tiny dual encoders: each family's real architecture switches at ~0.33 M parameters.
 
 `tiny_config` is shared by the pretraining (pretrain.py) and by tests, which also use
 `make_tiny_checkpoint`: a tiny model with random weights and a tokenizer trained on given texts.
@@ -18,7 +18,7 @@ IMAGE_SIZE = 64  # synthetic images are drawn at this size; both tiny ViTs take 
 
 
 def tiny_config(family: str, tok: dict) -> ModelConfig:
-    """A ~0.3 M parameter dual encoder with each family's real architecture switches."""
+    """A ~0.33 M parameter dual encoder with each family's real architecture switches."""
     clip = family == "clip"
     width = 64
     return ModelConfig(
