@@ -35,16 +35,16 @@ from safetensors.torch import save_file
 
 from har_ref.model.config import ModelConfig
 from har_ref.model.dual_encoder import load_model
-from har_ref.model.tokenizer import CLIP_BOS, CLIP_EOS, SIGLIP_EOS, SIGLIP_UNK, ClipTokenizer, load_tokenizer
+from har_ref.model.tokenizer import (CLIP_BOS, CLIP_EOS, SIGLIP_EOS, SIGLIP_UNK, TOKENIZER_FILES, ClipTokenizer,
+                                     load_tokenizer)
 
 from .common import ConversionError
 from .hf import HF_ACTIVATIONS, SCALARS, key_table, upstream_scalar_shape
 
 # har_ref activation -> transformers hidden_act computing the same function.
 ACTIVATIONS = {ours: theirs for theirs, ours in HF_ACTIVATIONS.items()}
-# Copied as they are; tokenizer_config.json is merged, not copied (write_tokenizer).
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "spiece.model", "special_tokens_map.json",
-                   "added_tokens.json")
+# The tokenizer files copied as they are: all but tokenizer_config.json, which is merged (write_tokenizer).
+COPIED_TOKENIZER_FILES = tuple(name for name in TOKENIZER_FILES if name != "tokenizer_config.json")
 LEGACY_ARGMAX_EOS = 2  # transformers' CLIPTextTransformer pools at argmax(input_ids) for this eos_token_id
 
 
@@ -161,7 +161,7 @@ def write_tokenizer(src: Path, out: Path, cfg: ModelConfig, tokenizer) -> None:
     encoded as it. transformers then pads with <|endoftext|>; CLIP's causal text tower pools
     at the end token, before any padding, so the embeddings are the same.
     """
-    for name in TOKENIZER_FILES:
+    for name in COPIED_TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy(src / name, out / name)
     pad_id = cfg.text.pad_token_id

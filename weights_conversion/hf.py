@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 
 from har_ref.model.config import OPENAI_MEAN, OPENAI_STD, ModelConfig, TextConfig, VisionConfig
+from har_ref.model.tokenizer import TOKENIZER_FILES
 
 from .common import ConversionError, KeyMapper, read_state_dict, write_checkpoint
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "spiece.model", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json")
+# Copied from the transformers directory as they are: the tokenizer's files and the image processor's
+# (kept as a record; config.json holds the mean and std har_ref reads).
+COPIED_FILES = TOKENIZER_FILES + ("preprocessor_config.json",)
 HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 # transformers' defaults, used when an older config.json leaves a field out.
 CLIP_DEFAULTS = dict(
@@ -231,5 +233,5 @@ def convert_hf(src: str | Path, out: str | Path) -> Path:
     cfg = convert_config(hf_config, preprocessor)
     set_token_ids(src, cfg, hf_config.get("text_config", {}))
     tensors = convert_state_dict(read_state_dict(find_weights(src)), cfg)
-    extra = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
+    extra = [src / f for f in COPIED_FILES if (src / f).is_file()]
     return write_checkpoint(cfg, tensors, out, extra)

@@ -32,9 +32,9 @@ def interpolate(zero_shot: DualEncoder, fine_tuned: DualEncoder, alpha: float) -
     """A new model with theta(alpha) (eq. 1). alpha 0 and 1 return the endpoints' tensors exactly."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"--alpha must be between 0 (zero-shot) and 1 (fine-tuned), got {alpha}.")
-    if zero_shot.cfg.to_dict() != fine_tuned.cfg.to_dict():
-        raise ValueError("the zero-shot and fine-tuned checkpoints have different config.json files; WiSE-FT "
-                         "mixes a fine-tuned model with the checkpoint it was fine-tuned from.")
+    if zero_shot.cfg.architecture() != fine_tuned.cfg.architecture():
+        raise ValueError("the zero-shot and fine-tuned checkpoints have different config.json architectures; "
+                         "WiSE-FT mixes a fine-tuned model with the checkpoint it was fine-tuned from.")
     a, b = zero_shot.state_dict(), fine_tuned.state_dict()
     mixed = {k: a[k] if alpha == 0 else b[k] if alpha == 1 else torch.lerp(a[k], b[k], alpha) for k in a}
     model = DualEncoder(fine_tuned.cfg)

@@ -83,6 +83,11 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def architecture(self) -> dict:
+        """Every field but t and b, which record the weights' values: what a fine-tuned checkpoint
+        shares with the one it was fine-tuned from."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("logit_scale", "logit_bias")}
+
     def save(self, directory: str | Path) -> None:
         path = Path(directory) / "config.json"
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -44,9 +44,11 @@ SPIECE_UNDERLINE = "\u2581"  # SentencePiece's visible space "▁"
 SIGLIP_EOS = "</s>"
 SIGLIP_UNK = "<unk>"
 
-# The files a checkpoint directory keeps its tokenizer in; they travel with the weights (runs, WiSE-FT mixes).
+# The files a checkpoint directory keeps its tokenizer in, as transformers' save_pretrained names them;
+# they travel with the weights (conversion, runs, WiSE-FT mixes, export). added_tokens.json is not read
+# here (load_tokenizer) but kept, so a converted checkpoint exports back with every file it came with.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "spiece.model", "tokenizer_config.json",
-                   "special_tokens_map.json")
+                   "special_tokens_map.json", "added_tokens.json")
 
 
 def bytes_to_unicode() -> dict[int, str]:
