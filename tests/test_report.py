@@ -12,7 +12,7 @@ from har_ref.demo import synthetic
 from har_ref.eval.evaluate import write_predictions
 from har_ref.eval.metrics import (compute_metrics, expected_calibration_error, mcnemar_exact, paired_bootstrap,
                              softmax)
-from har_ref.eval.plots import display_name
+from har_ref.eval.drawing import display_name
 from har_ref.eval.report import compare_runs, pick_examples
 
 CLASSES = ["calling", "running", "texting", "using_laptop"]

@@ -2,7 +2,7 @@
 
 A panel is the image above 'GT: <class>' in BLACK and one '<model>: <prediction>' line per model,
 GREEN when right and RED when wrong; a grid stacks panels in rows by outcome (both right, both
-wrong, only one model right). Text sizes, colours and margins come from plots.py.
+wrong, only one model right). Text sizes, colours and margins come from drawing.py.
 
 A map over an image (explain.py's maps, spread to the image by explain.py::pixel_mass) is drawn as
 its density, mass per pixel in units of the uniform map's, on one colour scale for every map of a
@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .plots import (AXIS_GREY, AXIS_TITLE_PX, BLACK, FAINT_GREY, GREEN, GRID_GREY, MARGIN, RED, TEXT_PX, TITLE_PX,
-                    WHITE, display_name, draw_text, line_height, nice_ticks, save_png, text_width, tick_decimals)
+from .drawing import (AXIS_GREY, AXIS_TITLE_PX, BLACK, FAINT_GREY, GREEN, GRID_GREY, MARGIN, RED, TEXT_PX, TITLE_PX,
+                      WHITE, display_name, draw_text, line_height, nice_ticks, save_png, text_width, tick_decimals)
 
 PANEL_IMAGE_PX = 256
 PANEL_PAD = 8

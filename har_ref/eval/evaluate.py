@@ -16,17 +16,17 @@ import json
 from pathlib import Path
 
 import numpy as np
+
 from ..data.folders import (DEFAULT_SHIFT_SPLIT, ImageFolderDataset, build_splits, make_eval_loader, split_items,
                             write_skipped)
 from ..data.prompts import PromptBank
-from .embed import class_embeddings, image_scores
-from .metrics import compute_metrics, expected_calibration_error, reliability_diagram_data, softmax
+from ..model.config import MODEL_NAMES
 from ..model.dual_encoder import DualEncoder, load_model
-from .plots import plot_confusion
 from ..model.tokenizer import load_tokenizer
 from ..model.transforms import build_transform
-
-MODEL_NAMES = {"clip": "CLIP", "siglip": "SigLIP"}
+from .embed import class_embeddings, image_scores
+from .heatmaps import plot_confusion
+from .metrics import compute_metrics, expected_calibration_error, reliability_diagram_data, softmax
 
 
 def write_predictions(path: Path, items, indices, logits, class_names) -> None:

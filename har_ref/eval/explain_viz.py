@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .compare_viz import PANEL_IMAGE_PX, density, fitted, legend_top, map_legend, map_overlay
-from .evaluate import MODEL_NAMES
-from .explain import ATTENTION_MAP_NAMES, attention_map, class_maps, pixel_mass
-from .plots import FAINT_GREY, MARGIN, TEXT_PX, TITLE_PX, WHITE, display_name, draw_text, line_height, save_png, text_width
-from .predict import Predictor, collect_images, decode_batch, fmt, probabilities
-from ..model.config import ModelConfig
+from ..model.config import MODEL_NAMES, ModelConfig
 from ..model.transforms import load_image
+from .compare_viz import PANEL_IMAGE_PX, density, fitted, legend_top, map_legend, map_overlay
+from .drawing import (FAINT_GREY, MARGIN, TEXT_PX, TITLE_PX, WHITE, display_name, draw_text, line_height, save_png,
+                      text_width)
+from .explain import ATTENTION_MAP_NAMES, attention_map, class_maps, pixel_mass
+from .predict import Predictor, collect_images, decode_batch, fmt, probabilities
 
 GAP = 12
 

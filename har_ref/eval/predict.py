@@ -30,11 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from .compare_viz import compare_panel, fitted
-from ..model.config import ModelConfig
+from ..model.config import MODEL_NAMES, ModelConfig
 from ..data.folders import IMAGE_EXTENSIONS
 from ..data.prompts import DEFAULT_PROMPTS, PromptBank
 from .embed import class_embeddings
-from .evaluate import MODEL_NAMES
 from .explain import ATTENTION_MAP_NAMES, attention_map, pixel_mass
 from ..model.dual_encoder import load_model
 from ..data.classes import CLASS_NAMES

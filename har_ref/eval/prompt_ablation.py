@@ -26,10 +26,12 @@ import torch.nn.functional as F
 from ..data.folders import ImageFolderDataset, build_splits, make_eval_loader
 from ..data.prompts import DEFAULT_PROMPTS, PromptBank
 from .embed import class_embeddings, embed_images, embed_texts
-from .evaluate import MODEL_NAMES, evaluate_model
+from .evaluate import evaluate_model
+from ..model.config import MODEL_NAMES
 from .metrics import compute_metrics, mcnemar_exact, paired_bootstrap
 from ..model.dual_encoder import DualEncoder, load_model
-from .plots import display_name, plot_prompt_heatmap
+from .drawing import display_name
+from .heatmaps import plot_prompt_heatmap
 from .run_results import read_predictions
 from ..model.tokenizer import load_tokenizer
 from ..model.transforms import build_transform

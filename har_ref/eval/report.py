@@ -21,8 +21,9 @@ from .compare_viz import compare_grid, compare_panel
 from .run_results import RunResults, align, load_run
 from .metrics import compute_metrics, mcnemar_exact, paired_bootstrap, reliability_diagram_data, softmax
 from .multi_seed import verdict
-from .charts import plot_epoch_times, plot_loss_curves, plot_reliability, plot_wise_ft
-from .plots import display_name, plot_confusion
+from .xy_charts import plot_epoch_times, plot_loss_curves, plot_reliability, plot_wise_ft
+from .drawing import display_name
+from .heatmaps import plot_confusion
 from ..model.transforms import load_image
 
 ECE_BINS = 15  # as evaluate.py writes metrics.json

@@ -14,6 +14,8 @@ from pathlib import Path
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# The two families (ModelConfig.family) and the names reports, charts and predictions print for them.
+MODEL_NAMES = {"clip": "CLIP", "siglip": "SigLIP"}
 # config.json fields of earlier versions, read under their current names.
 RENAMED_FIELDS = {"logit_scale_init": "logit_scale", "logit_bias_init": "logit_bias"}
 
@@ -71,7 +73,7 @@ class ModelConfig:
     resize: str = "shortest_edge"  # CLIP: shortest side + centre crop | "square": SigLIP direct resize
 
     def __post_init__(self):
-        if self.family not in ("clip", "siglip"):
+        if self.family not in MODEL_NAMES:
             raise ValueError(f"config.json: family must be 'clip' or 'siglip', got {self.family!r}")
         if isinstance(self.vision, dict):
             self.vision = VisionConfig(**self.vision)

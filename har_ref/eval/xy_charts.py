@@ -1,6 +1,7 @@
-"""Charts drawn with Pillow alone: loss curves, epoch times, reliability diagrams, WiSE-FT curves.
+"""Charts on x-y axes, drawn with Pillow alone: line charts (loss curves, WiSE-FT curves) and bar charts
+(epoch times, reliability diagrams).
 
-Axes, ticks and legends are measured from the text they hold (plots.py's primitives); CLIP is always
+Axes, ticks and legends are measured from the text they hold (drawing.py's primitives); CLIP is always
 blue and SigLIP orange, in every chart.
 """
 from __future__ import annotations
@@ -12,8 +13,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .plots import (AXIS_GREY, AXIS_TITLE_PX, FAINT_GREY, GRID_GREY, MARGIN, TEXT_PX, TITLE_PX, WHITE, Box, tick_decimals,
-                    paste_vertical_text, draw_text, line_height, nice_ticks, save_png, text_width)
+from .drawing import (AXIS_GREY, AXIS_TITLE_PX, FAINT_GREY, GRID_GREY, MARGIN, TEXT_PX, TITLE_PX, WHITE, Box,
+                      draw_text, line_height, nice_ticks, paste_vertical_text, save_png, text_width, tick_decimals)
 
 CLIP_COLOR = (31, 119, 180)  # blue
 SIGLIP_COLOR = (230, 110, 0)  # orange
