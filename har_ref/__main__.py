@@ -195,7 +195,8 @@ def run(args) -> None:
         generate(args.out, train_per_class=args.train_per_class, test_per_class=args.test_per_class, seed=args.seed)
         print(f"wrote {args.out}/train and {args.out}/test")
     elif args.command == "pretrain":
-        from .demo.pretrain import CHECKPOINTS, pretrain
+        from .demo.pretrain import pretrain
+        from .demo.tiny import CHECKPOINTS
         pretrain(args.out or CHECKPOINTS, seed=args.seed)
     elif args.command == "demo":
         from .demo.demo import run_demo

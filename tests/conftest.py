@@ -38,7 +38,7 @@ def tiny_weights(tmp_path_factory):
     """{family: directory} of the demo's tiny CLIP and SigLIP checkpoints (random weights, their own
     BPE / SentencePiece tokenizers trained on the prompt bank), built once per test session."""
     from har_ref.data.prompts import PromptBank
-    from har_ref.demo.tiny import make_tiny_checkpoint
+    from tiny_checkpoint import make_tiny_checkpoint
     from har_ref.demo.synthetic import CLASS_NAMES
 
     texts, _ = PromptBank.from_file(None, list(CLASS_NAMES)).all_prompts()

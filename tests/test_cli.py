@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from har_ref.data.prompts import PromptBank
-from har_ref.demo.tiny import make_tiny_checkpoint
 from har_ref.demo.synthetic import CLASS_NAMES, write_flat_csv_layout
+from tiny_checkpoint import make_tiny_checkpoint
 
 
 def cli(*args, ok=True):

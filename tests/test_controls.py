@@ -17,7 +17,7 @@ import pytest
 
 from har_ref.__main__ import main
 from har_ref.data.folders import build_splits, hold_out
-from har_ref.demo.pretrain import CHECKPOINTS
+from har_ref.demo.tiny import CHECKPOINTS
 from har_ref.demo.synthetic import generate
 from har_ref.eval.metrics import bootstrap_ci
 from har_ref.eval.run_results import load_run

@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from har_ref import load_model, load_tokenizer  # noqa: E402
-from har_ref.demo.pretrain import CHECKPOINTS  # noqa: E402
+from har_ref.demo.tiny import CHECKPOINTS  # noqa: E402
 from weights_conversion.hf import convert_hf  # noqa: E402
 
 MANIFEST = json.loads((CHECKPOINTS / "manifest.json").read_text())

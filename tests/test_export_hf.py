@@ -259,7 +259,7 @@ def test_not_a_checkpoint_exits_2_with_one_line(tmp_path, capsys):
 def test_a_har_ref_training_run_exports(family, tmp_path, measured):
     """What a user exports: a run directory trained by har_ref (here the demo's tiny models with
     their own BPE / SentencePiece tokenizers, one epoch) loads in transformers and agrees with it."""
-    from har_ref.demo.tiny import make_tiny_checkpoint
+    from tiny_checkpoint import make_tiny_checkpoint
     from har_ref.demo.synthetic import generate
     from har_ref.train.loop import train
     from har_ref.train.config import TrainConfig

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.bench_tools import tensor_allocations  # tests/bench/: the profiler bookkeeping `make bench` uses
+from allocations import tensor_allocations
 from har_ref.train.losses import (balanced_pos_weight, clamp_logit_scale_, clip_loss, clip_loss_plain,
                                   positive_mask, siglip_loss, siglip_loss_plain)
 

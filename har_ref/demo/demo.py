@@ -27,9 +27,8 @@ from ..eval.wise_ft import accuracy_curve
 from ..train.config import TrainConfig
 from ..train.loop import train
 from ..train.optim import autocast, resolve_precision
-from .pretrain import CHECKPOINTS
 from .synthetic import generate
-from .tiny import IMAGE_SIZE
+from .tiny import CHECKPOINTS, IMAGE_SIZE
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 200, 40
 VARIATION = 0.0  # synthetic.render fixes figure placement and clothes colours: learnable by a tiny ViT in minutes

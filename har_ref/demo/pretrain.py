@@ -39,11 +39,11 @@ from ..model.transforms import normalize_uint8
 from ..train.losses import clamp_logit_scale_, clip_loss, logit_bias_for, siglip_loss
 from ..train.optim import build_optimizer, warmup_cosine
 from .captions import caption
+from .demo import demo_dataset
 from .synthetic import draw_scene
-from .tiny import IMAGE_SIZE, tiny_config
+from .tiny import CHECKPOINTS, IMAGE_SIZE, tiny_config
 from .tokenizer_training import train_clip_bpe, train_sentencepiece
 
-CHECKPOINTS = Path(__file__).with_name("checkpoints")
 LOOKS, ACTIONS_PER_GROUP, GROUPS_PER_BATCH = 1000, 5, 25  # 15,000 pairs; batches of 125
 EPOCHS, LR, WEIGHT_DECAY, WARMUP_STEPS = 20, 2e-3, 0.05, 100
 VOCAB = {"clip": 1000, "siglip": 400}
@@ -137,7 +137,6 @@ def sha256(path: Path) -> str:
 def pretrain(out: str | Path = CHECKPOINTS, seed: int = 0) -> Path:
     """Both families in parallel (one core each), exported to OUT/{clip,siglip} with OUT/manifest.json."""
     from weights_conversion.export_hf import export_hf  # har_ref's own writer of transformers' format
-    from .demo import demo_dataset
 
     out = Path(out)
     start = time.perf_counter()

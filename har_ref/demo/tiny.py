@@ -1,20 +1,16 @@
 """The demo's tiny dual encoders: each family's real architecture switches at ~0.33 M parameters.
 
-`tiny_config` is shared by the pretraining (pretrain.py) and by tests, which also use
-`make_tiny_checkpoint`: a tiny model with random weights and a tokenizer trained on given texts.
+`tiny_config` is shared by the pretraining (pretrain.py) and by the tests' random-weight checkpoints
+(tests/tiny_checkpoint.py). CHECKPOINTS: where the pretrained ones ship.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from ..model.config import ModelConfig, TextConfig, VisionConfig
-from ..model.dual_encoder import DualEncoder, save_model
-from ..model.tokenizer import ClipTokenizer, SiglipTokenizer
-from .tokenizer_training import train_clip_bpe, train_sentencepiece
 
 IMAGE_SIZE = 64  # synthetic images are drawn at this size; both tiny ViTs take it as is
+CHECKPOINTS = Path(__file__).with_name("checkpoints")  # the pretrained tiny CLIP and SigLIP (`make pretrain`)
 
 
 def tiny_config(family: str, tok: dict) -> ModelConfig:
@@ -35,18 +31,3 @@ def tiny_config(family: str, tok: dict) -> ModelConfig:
         logit_bias=None if clip else -10.0,  # SigLIP sec. 3.2: t = log 10, b = -10
         image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
         resize="shortest_edge" if clip else "square")
-
-
-def make_tiny_checkpoint(family: str, texts: list[str], out: Path, seed: int) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    if family == "clip":
-        tok = train_clip_bpe(texts, out, vocab_size=1000)
-        lengths = ClipTokenizer(out, context_length=512)(texts)[1].sum(1)
-    else:
-        tok = train_sentencepiece(texts, out, vocab_size=400)
-        lengths = SiglipTokenizer(out, context_length=512)(texts)[1].sum(1)
-    # every prompt fits; SigLIP then pads the rest, as it was trained
-    tok["context_length"] = int(lengths.max()) + (0 if family == "clip" else 4)
-    torch.manual_seed(seed)
-    save_model(DualEncoder(tiny_config(family, tok)), out)
-    return out

@@ -6,7 +6,7 @@
 Forward + backward of CLIP ViT-B/32's image tower (batch 32, 224 px) and text tower (batch 32,
 prompts of 16 tokens), fp32 on the CPU, one thread; random weights (the cost does not depend on
 them). After one warm-up call of each step: the peak of live tensor bytes of one call
-(bench_tools.tensor_allocations), then rounds interleaved A B C, C B A, ...; median seconds.
+(tests/allocations.py::tensor_allocations), then rounds interleaved A B C, C B A, ...; median seconds.
 Run from the repository root:
 
     PYTHONPATH=. python tests/bench/bench_shortcuts.py [--rounds 7]
@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from bench_tools import tensor_allocations
 from har_ref.model.config import clip_vit_b32
 from har_ref.model.dual_encoder import DualEncoder
 from har_ref.model.layers import transformer_at_rows
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers the benchmarks share with the tests
+from allocations import tensor_allocations  # noqa: E402
 
 
 def image_step(vision, pixels, shortcut_rows: bool, patch_matmul: bool):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -15,47 +15,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from har_ref.model.config import clip_vit_b32
 from har_ref.data.folders import ImageFolderDataset
 from har_ref.data.image_cache import CachedImageDataset
-from har_ref.train.losses import balanced_pos_weight, clip_loss, siglip_loss
 from har_ref.demo.synthetic import CLASS_NAMES, render
+from har_ref.model.config import clip_vit_b32
 from har_ref.model.transforms import build_transform
+from har_ref.train.losses import balanced_pos_weight, clip_loss, siglip_loss
 from har_ref.train.xbm import CrossBatchMemory
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers the benchmarks share with the tests
+from allocations import tensor_allocations  # noqa: E402
+from tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- measuring
-
-@contextlib.contextmanager
-def quiet_stderr():
-    """Silence file descriptor 2: the profiler's C++ side writes start/stop lines there."""
-    saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-def tensor_allocations(fn: Callable[[], None]) -> tuple[int, int]:
-    """Run fn() once: (largest single tensor allocation, peak of live tensor bytes), in bytes.
-
-    Exact and independent of the C allocator's caching and fragmentation: the profiler reports every
-    CPU tensor allocation and free (with its size), and the running sum is taken in time order.
-    """
-    with quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                                profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = largest = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak, largest = max(peak, live), max(largest, nbytes)
-    return largest, peak
-
 
 def peak_memory_mib(fn: Callable[[], None]) -> float:
     """Run fn() once; the most tensor memory it had allocated at any moment, in MiB."""
@@ -164,7 +137,6 @@ def bench_accumulation(work: Path, rounds: int, micro_batch: int = 8, accum_step
     micro-batch) against cached (GradCache: one problem over all, at the price of a no-grad forward
     of every micro-batch, the loss on the cached embeddings, and a second forward with grad)."""
     from har_ref.data.prompts import PromptBank
-    from har_ref.demo.tiny import make_tiny_checkpoint
     from har_ref.demo.synthetic import generate
     from har_ref.train import loop
     from har_ref.train.config import TrainConfig

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import multiprocessing as mp
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,9 +23,11 @@ import torch
 from har_ref.data.classes import CLASS_NAMES
 from har_ref.data.prompts import PromptBank
 from har_ref.demo.demo import demo_dataset, fine_tune_config
-from har_ref.demo.pretrain import CHECKPOINTS
-from har_ref.demo.tiny import make_tiny_checkpoint
+from har_ref.demo.tiny import CHECKPOINTS
 from har_ref.train.loop import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers the benchmarks share with the tests
+from tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 
 # (start, family, changes): the from-scratch runs use the old demo's schedule (14 epochs at lr 2e-3, the
 # memory after 200 steps), the pretrained ones the demo's fine-tuning protocol.
