@@ -41,11 +41,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def split_qkv(weight: torch.Tensor) -> list[torch.Tensor]:
-    """A fused in_proj [3D, ...] -> [q, k, v] (torch.nn.MultiheadAttention order)."""
-    return list(weight.chunk(3, dim=0))
-
-
 def _listing(keys: list[str], shown: int = 12) -> str:
     more = f" (and {len(keys) - shown} more)" if len(keys) > shown else ""
     return ", ".join(keys[:shown]) + more

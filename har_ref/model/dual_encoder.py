@@ -61,9 +61,6 @@ class DualEncoder(nn.Module):
         self.vision.transformer.grad_checkpointing = enabled
         self.text.transformer.grad_checkpointing = enabled
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
 
 def save_model(model: DualEncoder, directory: str | Path) -> None:
     """Write config.json and model.safetensors; the weights file is replaced atomically.
