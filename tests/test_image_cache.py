@@ -87,13 +87,13 @@ def test_inconsistent_cache_files_are_rebuilt(items, tmp_path):
     cache, cfg = tmp_path / "cache", CONFIGS["clip"]
     first = CachedImageDataset(items, cfg, cache)
     expected = [first[i][0] for i in range(len(first))]
-    first.pixels_path.write_bytes(first.pixels_path.read_bytes()[:100])  # truncated pixel file
+    first.cache.pixels_path.write_bytes(first.cache.pixels_path.read_bytes()[:100])  # truncated pixel file
     rebuilt = CachedImageDataset(items, cfg, cache, augment=False)
     assert rebuilt.decoded == len(items)
     assert all(torch.equal(rebuilt[i][0], expected[i]) for i in range(len(items)))
-    index = json.loads(first.index_path.read_text())
+    index = json.loads(first.cache.index_path.read_text())
     index["image_size"] = SIZE + 1  # an index that claims another transform is never trusted
-    first.index_path.write_text(json.dumps(index))
+    first.cache.index_path.write_text(json.dumps(index))
     assert CachedImageDataset(items, cfg, cache).decoded == len(items)
 
 

@@ -4,7 +4,8 @@ On a CPU, decoding and resizing a ~300x400 JPEG costs more than the rest of the 
 without a cache it is paid again every epoch. `CachedImageDataset` pays it once: the output of
 `to_uint8_resized` (the eval transform before normalisation, uint8 [3, S, S]) is stored in a
 memory-mapped file, and every later read is a copy of 3*S*S bytes. Normalisation, and in
-training the random crop and flip, are applied on top at read time.
+training the random crop and flip, are applied on top at read time. Two concerns, two classes:
+`ImageCache` builds and updates the files, `CachedImageDataset` reads them as a dataset.
 
 Files, in the cache directory given by the user (one pair per transform, so CLIP and SigLIP,
 or two image sizes, never share pixels):
@@ -33,8 +34,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from ..model.config import ModelConfig
-from .folders import check_every_class_readable, item_seed, seeded_global_rng
 from ..model.transforms import load_image, normalize_uint8, to_uint8_resized
+from .folders import check_every_class_readable, item_seed, seeded_global_rng
 
 FORMAT = 1
 # The training augmentation of transforms.build_transform (crop scale 0.6-1, bicubic, flip),
@@ -51,19 +52,11 @@ def _file_key(path: str) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
-class CachedImageDataset(Dataset):
-    """(pixels float32 [3, S, S], class_id, index) for (path, class_id) items, read from the cache.
+class ImageCache:
+    """One transform's cache files in `cache_dir` (the pixel file and its index): building and updating them."""
 
-    Same contract as data.ImageFolderDataset with transforms.build_transform(cfg, train=augment,
-    augment=augment): `items` are the readable items in the given order, `skipped` lists
-    (path, reason) for the rest, `index` is the position in `items`. Without augmentation the
-    pixels are bit-identical to that dataset's.
-    """
-
-    def __init__(self, items: Sequence[tuple[str, int]], cfg: ModelConfig, cache_dir: str | Path,
-                 augment: bool = False, seed: int = 0):
-        self.cfg, self.augment, self.seed = cfg, augment, seed
-        self.size = cfg.vision.image_size
+    def __init__(self, cfg: ModelConfig, cache_dir: str | Path):
+        self.cfg, self.size = cfg, cfg.vision.image_size
         cache_dir = Path(cache_dir)
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
@@ -72,30 +65,12 @@ class CachedImageDataset(Dataset):
                              "pass a writable directory as the cache directory.") from e
         name = f"{cfg.resize}_{self.size}"
         self.pixels_path, self.index_path = cache_dir / f"{name}.u8", cache_dir / f"{name}.json"
-        paths = [os.path.abspath(path) for path, _ in items]
-        self.decoded = 0  # images decoded by this construction (0 when the cache was complete)
-        entries = self._build(paths)
-        self.items: list[tuple[str, int]] = []
-        self.slots: list[int] = []  # row of each item in the pixel file
-        self.skipped: list[tuple[str, str]] = []
-        for (given, class_id), path in zip(items, paths):
-            entry = entries[path]
-            if "error" in entry:
-                self.skipped.append((str(given), entry["error"]))
-            else:
-                self.items.append((str(given), class_id))
-                self.slots.append(entry["slot"])
-        check_every_class_readable(items, self.items, self.skipped)
-        self.crop_and_flip = v2.Compose([
-            v2.RandomResizedCrop(self.size, scale=CROP_SCALE, interpolation=v2.InterpolationMode.BICUBIC,
-                                 antialias=True),
-            v2.RandomHorizontalFlip(),
-        ])
-        self._pixels = None  # opened lazily, so that each DataLoader worker maps the file itself
 
-    # ------------------------------------------------------------------ building
+    @property
+    def slot_bytes(self) -> int:
+        return 3 * self.size * self.size
 
-    def _load_index(self) -> dict:
+    def load_index(self) -> dict:
         """The stored index if it belongs to this transform and matches the pixel file, else an empty one."""
         empty = {"format": FORMAT, "resize": self.cfg.resize, "image_size": self.size, "slots": 0, "entries": {}}
         try:
@@ -109,13 +84,10 @@ class CachedImageDataset(Dataset):
             return empty  # another transform or a truncated pixel file: start over
         return index
 
-    @property
-    def slot_bytes(self) -> int:
-        return 3 * self.size * self.size
-
-    def _build(self, paths: list[str]) -> dict:
-        """Decode what the index lacks or holds stale; return the index entries (path -> entry)."""
-        index = self._load_index()
+    def update(self, paths: list[str]) -> tuple[dict, int]:
+        """Decode what the index lacks or holds stale; return the index entries (path -> entry) and
+        how many images were decoded (0 when the cache was complete)."""
+        index = self.load_index()
         entries = index["entries"]
         todo = []
         for path in dict.fromkeys(paths):  # each path once, in order
@@ -127,8 +99,7 @@ class CachedImageDataset(Dataset):
                 todo.append((path, key))
         if todo:
             self._decode(todo, index)
-        self.decoded = len(todo)
-        return entries
+        return entries, len(todo)
 
     def _decode(self, todo: list[tuple[str, tuple[int, int]]], index: dict) -> None:
         print(f"image cache: decoding {len(todo)} images into {self.pixels_path} (once; later runs reuse it)",
@@ -152,7 +123,40 @@ class CachedImageDataset(Dataset):
         tmp.write_text(json.dumps(index))
         os.replace(tmp, self.index_path)  # the index only ever names pixels already written
 
-    # ------------------------------------------------------------------ reading
+
+class CachedImageDataset(Dataset):
+    """(pixels float32 [3, S, S], class_id, index) for (path, class_id) items, read from the cache.
+
+    Same contract as data.ImageFolderDataset with transforms.build_transform(cfg, train=augment,
+    augment=augment): `items` are the readable items in the given order, `skipped` lists
+    (path, reason) for the rest, `index` is the position in `items`. Without augmentation the
+    pixels are bit-identical to that dataset's. Constructing it brings the cache up to date.
+    """
+
+    def __init__(self, items: Sequence[tuple[str, int]], cfg: ModelConfig, cache_dir: str | Path,
+                 augment: bool = False, seed: int = 0):
+        self.cfg, self.augment, self.seed = cfg, augment, seed
+        self.size = cfg.vision.image_size
+        self.cache = ImageCache(cfg, cache_dir)
+        paths = [os.path.abspath(path) for path, _ in items]
+        entries, self.decoded = self.cache.update(paths)  # decoded: images decoded by this construction
+        self.items: list[tuple[str, int]] = []
+        self.slots: list[int] = []  # row of each item in the pixel file
+        self.skipped: list[tuple[str, str]] = []
+        for (given, class_id), path in zip(items, paths):
+            entry = entries[path]
+            if "error" in entry:
+                self.skipped.append((str(given), entry["error"]))
+            else:
+                self.items.append((str(given), class_id))
+                self.slots.append(entry["slot"])
+        check_every_class_readable(items, self.items, self.skipped)
+        self.crop_and_flip = v2.Compose([
+            v2.RandomResizedCrop(self.size, scale=CROP_SCALE, interpolation=v2.InterpolationMode.BICUBIC,
+                                 antialias=True),
+            v2.RandomHorizontalFlip(),
+        ])
+        self._pixels = None  # opened lazily, so that each DataLoader worker maps the file itself
 
     def __getstate__(self) -> dict:
         # DataLoader workers (fork or spawn) map the file themselves instead of inheriting a map.
@@ -164,9 +168,9 @@ class CachedImageDataset(Dataset):
     def uint8(self, index: int) -> torch.Tensor:
         """The cached uint8 [3, S, S] pixels of item `index` (eval transform before normalisation)."""
         if self._pixels is None:
-            slots = self.pixels_path.stat().st_size // self.slot_bytes
-            self._pixels = np.memmap(self.pixels_path, dtype=np.uint8, mode="r",
-                                     shape=(slots, 3, self.size, self.size))
+            path = self.cache.pixels_path
+            self._pixels = np.memmap(path, dtype=np.uint8, mode="r",
+                                     shape=(path.stat().st_size // self.cache.slot_bytes, 3, self.size, self.size))
         return torch.from_numpy(np.array(self._pixels[self.slots[index]]))  # a copy: the map is read-only
 
     def __getitem__(self, key: int | tuple[int, int]):
