@@ -38,7 +38,7 @@ from ..model.transforms import load_image, normalize_uint8, to_uint8_resized
 from .folders import check_every_class_readable, item_seed, seeded_global_rng
 
 FORMAT = 1
-# The training augmentation of transforms.build_transform (crop scale 0.6-1, bicubic, flip),
+# The training augmentation of model/transforms.py::build_transform (crop scale 0.6-1, bicubic, flip),
 # applied here to the cached S x S image instead of the full-size original.
 CROP_SCALE = (0.6, 1.0)
 
@@ -110,7 +110,7 @@ class ImageCache:
             for i, (path, (size, mtime_ns)) in enumerate(todo):
                 try:
                     pixels = to_uint8_resized(load_image(path), self.cfg)
-                except Exception as e:  # any failure to decode makes the image unusable (data.image_problem)
+                except Exception as e:  # any failure to decode makes the image unusable (folders.py::image_problem)
                     index["entries"][path] = {"size": size, "mtime_ns": mtime_ns, "error": str(e)}
                 else:
                     f.write(pixels.numpy().tobytes())
@@ -127,8 +127,8 @@ class ImageCache:
 class CachedImageDataset(Dataset):
     """(pixels float32 [3, S, S], class_id, index) for (path, class_id) items, read from the cache.
 
-    Same contract as data.ImageFolderDataset with transforms.build_transform(cfg, train=augment,
-    augment=augment): `items` are the readable items in the given order, `skipped` lists
+    Same contract as har_ref/data/folders.py::ImageFolderDataset with
+    har_ref/model/transforms.py::build_transform(cfg, train=augment, augment=augment): `items` are the readable items in the given order, `skipped` lists
     (path, reason) for the rest, `index` is the position in `items`. Without augmentation the
     pixels are bit-identical to that dataset's. Constructing it brings the cache up to date.
     """

@@ -26,7 +26,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"
     pos_weight: str = "none"  # SigLIP only: "none" | "balanced" | a number
-    logit_bias_init: str = "checkpoint"  # SigLIP only: "checkpoint" (keep b) | "auto" (logit of the positive share) | a number
+    # SigLIP only: where b starts, "checkpoint" (keep the b the checkpoint holds, ModelConfig.logit_bias) |
+    # "auto" (logit of the positive share) | a number
+    logit_bias_init: str = "checkpoint"
     balanced_batches: bool = False  # every micro-batch holds each class within one of micro_batch / K
     augment: bool = False  # random resized crop + horizontal flip on train images
     workers: int = 2
