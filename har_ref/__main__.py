@@ -9,8 +9,8 @@ import argparse
 import sys
 from dataclasses import fields
 
-from .train.faults import TrainingStopped
 from .train.config import TrainConfig, preset
+from .train.faults import TrainingStopped
 
 GET_WEIGHTS = ("convert a checkpoint first: `python -m weights_conversion hf --src HF_DIR --out DIR` "
                "(see README: Real checkpoints)")

@@ -29,16 +29,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .compare_viz import compare_panel, fitted
-from ..model.config import MODEL_NAMES, ModelConfig
+from ..data.classes import CLASS_NAMES
 from ..data.folders import IMAGE_EXTENSIONS
 from ..data.prompts import DEFAULT_PROMPTS, PromptBank
-from .embed import class_embeddings
-from .explain import ATTENTION_MAP_NAMES, attention_map, pixel_mass
+from ..model.config import MODEL_NAMES, ModelConfig
 from ..model.dual_encoder import load_model
-from ..data.classes import CLASS_NAMES
 from ..model.tokenizer import load_tokenizer
 from ..model.transforms import build_transform, load_image
+from .compare_viz import compare_panel, fitted
+from .embed import class_embeddings
+from .explain import ATTENTION_MAP_NAMES, attention_map, pixel_mass
 
 PROBABILITY_KIND = {"clip": "softmax", "siglip": "sigmoid"}
 KIND_HEADER = {"softmax": "softmax probabilities over the {k} classes (sum to 1)",

@@ -25,16 +25,16 @@ import torch.nn.functional as F
 
 from ..data.folders import ImageFolderDataset, build_splits, make_eval_loader
 from ..data.prompts import DEFAULT_PROMPTS, PromptBank
-from .embed import class_embeddings, embed_images, embed_texts
-from .evaluate import evaluate_model
 from ..model.config import MODEL_NAMES
-from .metrics import compute_metrics, mcnemar_exact, paired_bootstrap
 from ..model.dual_encoder import DualEncoder, load_model
-from .drawing import display_name
-from .heatmaps import plot_prompt_heatmap
-from .run_results import read_predictions
 from ..model.tokenizer import load_tokenizer
 from ..model.transforms import build_transform
+from .drawing import display_name
+from .embed import class_embeddings, embed_images, embed_texts
+from .evaluate import evaluate_model
+from .heatmaps import plot_prompt_heatmap
+from .metrics import compute_metrics, mcnemar_exact, paired_bootstrap
+from .run_results import read_predictions
 
 
 def validation_slice(train_items: list[tuple[str, int]], class_names: list[str], val_fraction: float,

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..model.transforms import load_image
 from .compare_viz import compare_grid, compare_panel
-from .run_results import RunResults, align, load_run
-from .metrics import compute_metrics, mcnemar_exact, paired_bootstrap, reliability_diagram_data, softmax
-from .multi_seed import verdict
-from .xy_charts import plot_epoch_times, plot_loss_curves, plot_reliability, plot_wise_ft
 from .drawing import display_name
 from .heatmaps import plot_confusion
-from ..model.transforms import load_image
+from .metrics import compute_metrics, mcnemar_exact, paired_bootstrap, reliability_diagram_data, softmax
+from .multi_seed import verdict
+from .run_results import RunResults, align, load_run
+from .xy_charts import plot_epoch_times, plot_loss_curves, plot_reliability, plot_wise_ft
 
 ECE_BINS = 15  # as evaluate.py writes metrics.json
 

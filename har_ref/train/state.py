@@ -15,11 +15,11 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from ..data.prompts import PromptSampler
+from ..model.dual_encoder import DualEncoder
 from .config import TrainConfig
 from .faults import NonFiniteLosses, StopRequest
 from .xbm import CrossBatchMemory
-from ..data.prompts import PromptSampler
-from ..model.dual_encoder import DualEncoder
 
 
 class MicroBatch(NamedTuple):
