@@ -135,12 +135,16 @@ def head_maps(model: DualEncoder, pixels: torch.Tensor) -> torch.Tensor:
     return _as_grid(trace.probe, trace.grid)
 
 
+def traced_attention_map(trace: Trace) -> torch.Tensor:
+    """attention_map of a traced forward: SigLIP's probe attention (head mean), CLIP's rollout."""
+    maps = trace.probe.mean(1) if trace.probe is not None else rollout(trace.blocks)
+    return _as_grid(maps, trace.grid)
+
+
 @torch.no_grad()
 def attention_map(model: DualEncoder, pixels: torch.Tensor) -> torch.Tensor:
     """[B, grid_h, grid_w], each summing to 1: SigLIP's probe attention (head mean), CLIP's rollout."""
-    trace = trace_image_tower(model.vision, pixels)
-    maps = trace.probe.mean(1) if trace.probe is not None else rollout(trace.blocks)
-    return _as_grid(maps, trace.grid)
+    return traced_attention_map(trace_image_tower(model.vision, pixels))
 
 
 def class_maps(model: DualEncoder, pixels: torch.Tensor, class_emb: torch.Tensor,
@@ -153,6 +157,8 @@ def class_maps(model: DualEncoder, pixels: torch.Tensor, class_emb: torch.Tensor
     (Chefer et al. 2021 applied to the head that pools the image). One forward, one backward per class;
     the gradients go to the probabilities only, so no parameter's .grad is written.
     """
+    if not classes:
+        return []
     with torch.enable_grad():
         trace = trace_image_tower(model.vision, pixels)
         scores = model.score(F.normalize(trace.embedding.float(), dim=-1), class_emb)
@@ -189,6 +195,12 @@ def coverage(edges: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndar
     return np.clip(hi - lo, 0, None) / np.diff(edges)[None, :]
 
 
+def spread(rows: np.ndarray, patch_map: torch.Tensor | np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """rows @ patch_map @ cols.T in float64: the mass of each (row interval, column interval) cell.
+    einsum, not @: for matrices this small, OpenBLAS's thread start-up costs more than the products."""
+    return np.einsum("yq,xq->yx", np.einsum("yp,pq->yq", rows, np.asarray(patch_map, dtype=np.float64)), cols)
+
+
 def pixel_mass(patch_map: torch.Tensor | np.ndarray, image_size: tuple[int, int], cfg: ModelConfig,
                out_size: tuple[int, int] | None = None) -> np.ndarray:
     """A [grid_h, grid_w] map spread over the image as mass per pixel, [height, width] of `out_size`
@@ -204,7 +216,7 @@ def pixel_mass(patch_map: torch.Tensor | np.ndarray, image_size: tuple[int, int]
     cols, rows = np.arange(out_w) * width / out_w, np.arange(out_h) * height / out_h
     cx = coverage(xs, cols, cols + width / out_w)
     cy = coverage(ys, rows, rows + height / out_h)
-    return cy @ np.asarray(patch_map, dtype=np.float64) @ cx.T
+    return spread(cy, patch_map, cx)
 
 
 def box_share(patch_map: torch.Tensor | np.ndarray, box: Sequence[float], image_size: tuple[int, int],
@@ -215,7 +227,7 @@ def box_share(patch_map: torch.Tensor | np.ndarray, box: Sequence[float], image_
     xs, ys = patch_edges(image_size, cfg)
     cx = coverage(xs, np.array([x0]), np.array([x1]))
     cy = coverage(ys, np.array([y0]), np.array([y1]))
-    return float((cy @ np.asarray(patch_map, dtype=np.float64) @ cx.T)[0, 0])
+    return float(spread(cy, patch_map, cx)[0, 0])
 
 
 def pointing_game(maps: torch.Tensor, boxes: Sequence[Sequence[float] | None], image_sizes: Sequence[tuple[int, int]],

@@ -3,7 +3,9 @@
 For every image: the image, then one row per checkpoint with its name, its weights, its top-3 classes
 with the model's own probabilities (softmax for CLIP, sigmoid for SigLIP: predict.py's rule and code)
 and its maps (explain.py): the attention map (CLIP rollout, SigLIP probe attention) and one
-class-specific map per --class. Every map is drawn as mass per pixel of the image on one colour
+class-specific map per --class. The top-3 are scored from the embedding of the maps' own forward
+(explain.py::trace_image_tower), the model's up to float rounding (tests/test_explain.py), so each
+image goes through each tower once. Every map is drawn as mass per pixel of the image on one colour
 scale (compare_viz.py::map_overlay), so a 7x7 and a 14x14 grid read alike. Checkpoints, label
 spaces, image decoding and skipped files are predict's (predict.py::Predictor, decode_batch).
 """
@@ -19,9 +21,9 @@ from PIL import Image, ImageDraw
 from ..model.config import MODEL_NAMES, ModelConfig
 from ..model.transforms import load_image
 from .compare_viz import PANEL_IMAGE_PX, density, fitted, legend_top, map_legend, map_overlay
-from .drawing import (FAINT_GREY, MARGIN, TEXT_PX, TITLE_PX, WHITE, display_name, draw_text, line_height, save_png,
+from .drawing import (FAINT_GREY, MARGIN, TEXT_PX, TITLE_PX, WHITE, display_name, draw_text, line_height,
                       text_width)
-from .explain import ATTENTION_MAP_NAMES, attention_map, class_maps, pixel_mass
+from .explain import ATTENTION_MAP_NAMES, class_maps, pixel_mass, trace_image_tower, traced_attention_map
 from .predict import Predictor, collect_images, decode_batch, fmt, probabilities
 
 GAP = 12
@@ -47,21 +49,23 @@ def explain_picture(image: Image.Image, title: str, rows: list[ModelRow]) -> Ima
     lh = line_height(TEXT_PX) + 4
     cell = PANEL_IMAGE_PX + GAP
     headers = [[f"{row.name}  (weights: {row.weights})",
-                f"top-3, {row.kind}: " + ", ".join(f"{display_name(c)} {fmt(p)}" for c, p in row.top)] for row in rows]
+                f"top-3, {row.kind}: " + ", ".join(f"{display_name(c)} {fmt(p)}" for c, p in row.top)]
+               for row in rows]
     row_h = 2 * lh + 4 + PANEL_IMAGE_PX + 4 + lh + GAP
     maps_left = MARGIN + cell
-    width = max(maps_left + max(len(r.maps) for r in rows) * cell - GAP,
-                *(maps_left + i * cell + text_width(caption, TEXT_PX) for r in rows for i, (caption, _) in enumerate(r.maps)),
-                maps_left + max(text_width(t, TEXT_PX) for h in headers for t in h),
+    cells_right = [maps_left + i * cell + max(PANEL_IMAGE_PX, text_width(caption, TEXT_PX))
+                   for row in rows for i, (caption, _) in enumerate(row.maps)]
+    width = max(*cells_right, maps_left + max(text_width(t, TEXT_PX) for h in headers for t in h),
                 MARGIN + text_width(title, TITLE_PX)) + MARGIN
     legend = map_legend(vmax, width - 2 * MARGIN)
     top = MARGIN + line_height(TITLE_PX) + GAP
-    canvas = Image.new("RGB", (max(width, legend.width + 2 * MARGIN), top + len(rows) * row_h + legend.height + MARGIN),
-                       WHITE)
+    height = top + len(rows) * row_h + legend.height + MARGIN
+    canvas = Image.new("RGB", (max(width, legend.width + 2 * MARGIN), height), WHITE)
     draw = ImageDraw.Draw(canvas)
     draw_text(draw, (MARGIN, MARGIN), title, TITLE_PX)
     canvas.paste(shown, (MARGIN + (PANEL_IMAGE_PX - shown.width) // 2, top + 2 * lh + 4))
-    draw_text(draw, (MARGIN, top + 2 * lh + 8 + PANEL_IMAGE_PX), f"{image.width}x{image.height} px", TEXT_PX, FAINT_GREY)
+    draw_text(draw, (MARGIN, top + 2 * lh + 8 + PANEL_IMAGE_PX), f"{image.width}x{image.height} px", TEXT_PX,
+              FAINT_GREY)
     for r, (row, header, row_masses) in enumerate(zip(rows, headers, masses)):
         y = top + r * row_h
         draw_text(draw, (maps_left, y), header[0], TEXT_PX)
@@ -114,10 +118,13 @@ def run_explain(weights: list[str], images: list[str], out: str | Path, explain_
             if not batch:
                 continue
             pixels = p.pixels([image for _, image in batch])
-            probs = probabilities(p.logits(pixels), p.family)
-            maps = [(ATTENTION_MAP_NAMES[p.family], attention_map(p.model, pixels))]
-            maps += [(f"why {display_name(p.class_names[c])} (grad x attention)", m)
-                     for c, m in zip(wanted, class_maps(p.model, pixels, p.class_emb, wanted))]
+            with torch.no_grad():  # one forward gives the maps and the embedding the top-3 are scored from
+                trace = trace_image_tower(p.model.vision, pixels)
+            probs = probabilities(p.scores(trace.embedding), p.family)
+            maps = [(ATTENTION_MAP_NAMES[p.family], traced_attention_map(trace))]
+            if wanted:
+                maps += [(f"why {display_name(p.class_names[c])} (grad x attention)", m)
+                         for c, m in zip(wanted, class_maps(p.model, pixels, p.class_emb, wanted))]
             for b, ((path, _), row) in enumerate(zip(batch, probs)):
                 top = row.topk(min(3, len(p.class_names)))
                 rows.setdefault(path, []).append(ModelRow(
@@ -129,9 +136,11 @@ def run_explain(weights: list[str], images: list[str], out: str | Path, explain_
         raise ValueError(f"none of the {len(paths)} image(s) could be decoded (each is named above); "
                          "pass readable JPEG/PNG/BMP/WebP files.")
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     written = []
     for path, name in picture_names(list(rows)).items():
         written.append(out / name)
-        save_png(explain_picture(load_image(path), str(path), rows[path]), written[-1])
+        # zlib's fastest level: one picture per image, and pictures of photos barely compress further
+        explain_picture(load_image(path), str(path), rows[path]).save(written[-1], format="PNG", compress_level=1)
         print(f"wrote {written[-1]}", flush=True)
     return written

@@ -153,8 +153,12 @@ class Predictor:
     @torch.no_grad()
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, K] logits of the images against the classes (the same path as evaluate, embed.py)."""
-        image_emb = F.normalize(self.model.encode_image(pixels).float(), dim=-1)
-        return self.model.score(image_emb, self.class_emb).cpu()
+        return self.scores(self.model.encode_image(pixels))
+
+    @torch.no_grad()
+    def scores(self, image_emb: torch.Tensor) -> torch.Tensor:
+        """[B, K] logits of projected image embeddings: DualEncoder.score of the unit vectors."""
+        return self.model.score(F.normalize(image_emb.float(), dim=-1), self.class_emb).cpu()
 
     def unload(self) -> None:
         del self.model, self.class_emb  # one checkpoint in memory at a time
