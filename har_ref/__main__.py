@@ -1,4 +1,4 @@
-"""python -m har_ref {train,evaluate,compare,prompts,predict,explain,wise-ft,prepare,synth,pretrain,demo} ...
+"""python -m har_ref {train,evaluate,linear-probe,compare,prompts,predict,explain,wise-ft,prepare,synth,pretrain,demo} ...
 
 Every user error (missing weights, bad data layout, bad flag value) ends in one line on
 stderr and exit status 2, never a traceback.
@@ -76,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--shift-split", default="test_shift", help="also score DATA/<this>/ when it exists, into "
                                                                "metrics_shift.json ('' never)")
+
+    p = sub.add_parser("linear-probe", help="logistic regression on frozen image embeddings (CLIP sec. 3.2), "
+                                            "C chosen on a validation part of train; writes a run like evaluate")
+    p.add_argument("--weights", required=True, help="converted checkpoint or run directory")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--shift-split", default="test_shift", help="also score DATA/<this>/ when it exists, into "
+                                                               "metrics_shift.json ('' never)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of each class's train images that "
+                                                                   "chooses C")
+    p.add_argument("--seed", type=int, default=0, help="draws the validation part")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
 
     p = sub.add_parser("compare", help="report comparing two run directories (e.g. CLIP and SigLIP); "
                                        "differences are A - B, the verdict lines B - A")
@@ -156,6 +169,17 @@ def run(args) -> None:
         from .eval.evaluate import evaluate
         m = evaluate(args.weights, args.data, args.out, args.prompts, args.batch_size, args.workers,
                      shift_split=args.shift_split)
+        print(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ECE {m['ece']:.4f} -> {args.out}")
+        if "shift" in m:
+            print(f"{args.shift_split}: accuracy {m['shift']['accuracy']:.4f}  macro-F1 {m['shift']['macro_f1']:.4f}")
+    elif args.command == "linear-probe":
+        from .eval.linear_probe import linear_probe
+        m = linear_probe(args.weights, args.data, args.out, args.shift_split, args.seed, args.val_fraction,
+                         args.batch_size, args.workers)
+        probe = m["linear_probe"]
+        chosen = next(r for r in probe["grid"] if r["C"] == probe["C"])
+        print(f"C={probe['C']:g} (validation macro-F1 {chosen['val_macro_f1']:.4f} on {probe['val_images']} images; "
+              f"refitted on {probe['train_images']})")
         print(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ECE {m['ece']:.4f} -> {args.out}")
         if "shift" in m:
             print(f"{args.shift_split}: accuracy {m['shift']['accuracy']:.4f}  macro-F1 {m['shift']['macro_f1']:.4f}")

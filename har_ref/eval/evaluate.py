@@ -55,22 +55,31 @@ def evaluate_model(model: DualEncoder, tokenizer, data_dir: str | Path, out_dir:
     model.eval()
     logits, y_true, indices = image_scores(model, loader, class_embeddings(model, tokenizer, bank, class_names),
                                            autocast)
-    y_pred = logits.argmax(1)
-    metrics = compute_metrics(y_true, y_pred, class_names)
+    return write_split(out_dir, dataset, logits, y_true, indices, class_names, split,
+                       label or MODEL_NAMES[model.cfg.family], model.cfg.family, suffix)
+
+
+def write_split(out_dir: Path, dataset: ImageFolderDataset, logits: np.ndarray, y_true: np.ndarray,
+                indices: np.ndarray, class_names: list[str], split: str, model_name: str, family: str,
+                suffix: str = "", extra: dict | None = None) -> dict:
+    """One scored split into a run directory: metrics<suffix>.json (with `extra` merged in),
+    predictions<suffix>.csv (the per-class scores are `logits`), confusion<suffix>.png, and the split's
+    unreadable files in skipped.txt. Every way of scoring (zero-shot, fine-tuned, linear probe) writes here."""
+    metrics = compute_metrics(y_true, logits.argmax(1), class_names)
     probs = softmax(logits)
     metrics["ece"] = expected_calibration_error(probs, y_true, n_bins=15)
     metrics["reliability"] = reliability_diagram_data(probs, y_true, n_bins=15)
-    metrics["model_name"] = label or MODEL_NAMES[model.cfg.family]
-    metrics["family"] = model.cfg.family
+    metrics["model_name"] = model_name
+    metrics["family"] = family
     metrics["split"] = split
-    metrics["skipped_images"] = [[str(p), r] for p, r in getattr(dataset, "skipped", [])]
+    metrics["skipped_images"] = [[str(p), r] for p, r in dataset.skipped]
+    metrics.update(extra or {})
     if dataset.skipped or (out_dir / "skipped.txt").is_file():
         write_skipped(out_dir, split, dataset.skipped)
     (out_dir / f"metrics{suffix}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_predictions(out_dir / f"predictions{suffix}.csv", dataset.items, indices, logits, class_names)
     plot_confusion(np.asarray(metrics["confusion_normalized"]), class_names,
-                   f"Confusion matrix (normalized): {metrics['model_name']}, {split}",
-                   out_dir / f"confusion{suffix}.png")
+                   f"Confusion matrix (normalized): {model_name}, {split}", out_dir / f"confusion{suffix}.png")
     return metrics
 
 
