@@ -51,7 +51,7 @@ def explain_picture(image: Image.Image, title: str, rows: list[ModelRow]) -> Ima
     headers = [[f"{row.name}  (weights: {row.weights})",
                 f"top-3, {row.kind}: " + ", ".join(f"{display_name(c)} {fmt(p)}" for c, p in row.top)]
                for row in rows]
-    row_h = 2 * lh + 4 + PANEL_IMAGE_PX + 4 + lh + GAP
+    row_h = 2 * lh + 4 + shown.height + 4 + lh + GAP
     maps_left = MARGIN + cell
     cells_right = [maps_left + i * cell + max(PANEL_IMAGE_PX, text_width(caption, TEXT_PX))
                    for row in rows for i, (caption, _) in enumerate(row.maps)]
@@ -64,7 +64,7 @@ def explain_picture(image: Image.Image, title: str, rows: list[ModelRow]) -> Ima
     draw = ImageDraw.Draw(canvas)
     draw_text(draw, (MARGIN, MARGIN), title, TITLE_PX)
     canvas.paste(shown, (MARGIN + (PANEL_IMAGE_PX - shown.width) // 2, top + 2 * lh + 4))
-    draw_text(draw, (MARGIN, top + 2 * lh + 8 + PANEL_IMAGE_PX), f"{image.width}x{image.height} px", TEXT_PX,
+    draw_text(draw, (MARGIN, top + 2 * lh + 8 + shown.height), f"{image.width}x{image.height} px", TEXT_PX,
               FAINT_GREY)
     for r, (row, header, row_masses) in enumerate(zip(rows, headers, masses)):
         y = top + r * row_h
@@ -73,7 +73,7 @@ def explain_picture(image: Image.Image, title: str, rows: list[ModelRow]) -> Ima
         for i, ((caption, _), mass) in enumerate(zip(row.maps, row_masses)):
             x = maps_left + i * cell
             canvas.paste(map_overlay(shown, mass, vmax), (x + (PANEL_IMAGE_PX - shown.width) // 2, y + 2 * lh + 4))
-            draw_text(draw, (x, y + 2 * lh + 8 + PANEL_IMAGE_PX), caption, TEXT_PX)
+            draw_text(draw, (x, y + 2 * lh + 8 + shown.height), caption, TEXT_PX)
     canvas.paste(legend, (MARGIN, top + len(rows) * row_h))
     return canvas
 
