@@ -6,25 +6,26 @@ code path. The GradCache test checks the `cached` accumulation mode against one 
 """
 from __future__ import annotations
 
+import csv
 import json
+import math
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, SiglipConfig, SiglipModel, SiglipTokenizer
 
-transformers = pytest.importorskip("transformers")
-from transformers import (CLIPConfig, CLIPModel, CLIPTokenizer, SiglipConfig, SiglipModel,  # noqa: E402
-                          SiglipTokenizer)
-
-from har_ref.data.prompts import PromptBank  # noqa: E402
-from har_ref.demo.synthetic import CLASS_NAMES, generate  # noqa: E402
-from har_ref.demo.tokenizer_training import train_clip_bpe, train_sentencepiece  # noqa: E402
-from har_ref.train.loop import cached_step, contrastive_loss, train  # noqa: E402
-from har_ref.train.setup import setup  # noqa: E402
-from har_ref.train.state import MicroBatch  # noqa: E402
-from har_ref.train.config import TrainConfig  # noqa: E402
-from weights_conversion.hf import convert_hf  # noqa: E402
+from har_ref.data.prompts import PromptBank
+from har_ref.demo.synthetic import CLASS_NAMES, generate
+from har_ref.demo.tokenizer_training import train_clip_bpe, train_sentencepiece
+from har_ref.train.loop import cached_step, contrastive_loss, train
+from har_ref.train.setup import setup
+from har_ref.train.state import MicroBatch
+from har_ref.train.config import TrainConfig
+from weights_conversion.hf import convert_hf
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,9 +79,21 @@ def tiny_cfg(model: str, **overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
+def with_temperature(weights, t: float, out):
+    """A copy of the checkpoint WEIGHTS whose t is a pretrained model's (a weight, as upstream stores it)."""
+    shutil.copytree(weights, out)
+    tensors = load_file(str(out / "model.safetensors"))
+    tensors["logit_scale"] = torch.tensor(t)
+    save_file(tensors, str(out / "model.safetensors"))
+    return out
+
+
 @pytest.mark.parametrize("model", ["clip", "siglip"])
 def test_train_writes_a_complete_run(model, clip_weights, siglip_weights, data_dir, tmp_path):
+    """Every file of the run; CLIP's t, started at a pretrained 4.765 (exp t ~ 117), clamped to ln 100."""
     weights = clip_weights if model == "clip" else siglip_weights
+    if model == "clip":
+        weights = with_temperature(weights, 4.765, tmp_path / "weights")
     out = tmp_path / "run"
     metrics = train(tiny_cfg(model), weights, data_dir, out)
     for name in ("config.json", "model.safetensors", "train_config.json", "log.jsonl", "metrics.json",
@@ -90,11 +103,19 @@ def test_train_writes_a_complete_run(model, clip_weights, siglip_weights, data_d
     assert [r["epoch"] for r in log] == [1, 2]
     # 60 images, drop_last with 8 per micro-batch -> 7 micro-batches per epoch, 2 per step -> 7 steps (+1 partial)
     assert log[-1]["step"] == 7 and all(r["images_per_s"] > 0 for r in log)
+    assert all((r["logit_bias"] is None) == (model == "clip") for r in log)
     assert metrics["num_samples"] == 30 and json.loads((out / "metrics.json").read_text())["family"] == model
-    assert 0 <= log[-1]["logit_scale"] <= 4.6052  # clamped to [0, ln 100]
-    # the run directory is itself a checkpoint: evaluate can load it (tokenizer files copied)
+    with open(out / "predictions.csv", encoding="utf-8") as f:  # the metrics are those of the predictions
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 30 and metrics["accuracy"] == sum(r["true"] == r["pred"] for r in rows) / 30
+    if model == "clip":  # unclamped, 7 steps of lr 1e-3 would leave t within 0.01 of 4.765
+        assert all(math.log(100) - 0.01 <= r["logit_scale"] <= math.log(100) for r in log)  # measured ln 100 - 0.002
+    # the run directory is itself a checkpoint: evaluate can load it (tokenizer files copied), trained weights
     from har_ref import load_model, load_tokenizer
-    load_model(out), load_tokenizer(out)(["a photo of a person running."])
+    trained, start = load_model(out).state_dict(), load_model(weights).state_dict()
+    assert trained.keys() == start.keys() and not torch.equal(trained["text.proj.weight"], start["text.proj.weight"])
+    ids, _ = load_tokenizer(out)(["a photo of a person running."])
+    assert torch.equal(ids, load_tokenizer(weights)(["a photo of a person running."])[0])
 
 
 def test_resume_continues_where_it_stopped(clip_weights, data_dir, tmp_path, monkeypatch):
@@ -118,9 +139,10 @@ def test_resume_continues_where_it_stopped(clip_weights, data_dir, tmp_path, mon
     log_full = [json.loads(x) for x in (full / "log.jsonl").read_text().splitlines()]
     log_part = [json.loads(x) for x in (part / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log_part] == [r["step"] for r in log_full] == [3, 7]
-    # same data order, prompts, memory, optimizer state and pending gradients -> the same losses
-    for a, b in zip(log_full, log_part):
-        assert abs(a["loss"] - b["loss"]) < 1e-6
+    # same data order, prompts, memory, optimizer state and pending gradients -> the same losses and weights,
+    # bit for bit (one process, one thread)
+    assert [r["loss"] for r in log_part] == [r["loss"] for r in log_full]
+    assert (part / "model.safetensors").read_bytes() == (full / "model.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("model", ["clip", "siglip"])
@@ -147,15 +169,7 @@ def test_cached_accumulation_equals_one_big_batch(model, clip_weights, siglip_we
 def test_siglip_keeps_a_pretrained_temperature(siglip_weights, data_dir, tmp_path):
     """A SigLIP checkpoint with a pretrained t = 4.765 (exp t ~ 117) keeps it through fine-tuning:
     only CLIP's temperature is clamped to ln 100 (docs/losses.md)."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    weights = tmp_path / "weights"
-    shutil.copytree(siglip_weights, weights)
-    tensors = load_file(str(weights / "model.safetensors"))
-    tensors["logit_scale"] = torch.tensor(4.765)
-    save_file(tensors, str(weights / "model.safetensors"))
+    weights = with_temperature(siglip_weights, 4.765, tmp_path / "weights")
     train(tiny_cfg("siglip", epochs=1, lr=1e-4), weights, data_dir, tmp_path / "run")
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert abs(log[-1]["logit_scale"] - 4.765) < 0.01  # a few steps of lr 1e-4, not a cut to 4.605
@@ -220,8 +234,8 @@ def test_cached_images_train_like_decoded_images(clip_weights, data_dir, tmp_pat
                    tmp_path / "cached")
     assert (tmp_path / "cache").is_dir() and any((tmp_path / "cache").iterdir())
     log = [json.loads((tmp_path / run / "log.jsonl").read_text()) for run in ("decoded", "cached")]
-    assert abs(log[0]["loss"] - log[1]["loss"]) < 1e-6
-    assert decoded["accuracy"] == cached["accuracy"]
+    assert log[0]["loss"] == log[1]["loss"] and decoded == cached  # the same pixels: bit for bit
+    assert (tmp_path / "decoded" / "model.safetensors").read_bytes() == (tmp_path / "cached" / "model.safetensors").read_bytes()
 
 
 def test_auto_logit_bias_is_the_logit_of_the_counted_positive_share(siglip_weights, data_dir, tmp_path):
