@@ -203,3 +203,15 @@ def test_cli_bad_class_exits_2_with_one_line(tiny_weights, photos, tmp_path, cap
     _, stderr = capsys.readouterr()
     assert code == 2 and stderr.startswith("error: --class 'juggling' is not one of") and len(stderr.splitlines()) == 1
     assert not (tmp_path / "maps").exists()
+
+
+def test_predict_panel_draws_each_model_map(tiny_weights, photos, tmp_path, capsys):
+    panel = tmp_path / "panel.png"
+    code = main(["predict", "--weights", str(tiny_weights["clip"]), "--weights", str(tiny_weights["siglip"]),
+                 str(photos[2]), "--true", "texting", "--panel", str(panel)])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0 and "Traceback" not in stderr and stdout.splitlines()[-1] == f"wrote {panel}"
+    with Image.open(panel) as picture:
+        assert picture.width >= 3 * 256  # the image, then CLIP's and SigLIP's maps beside it
+        inferno_bright = np.asarray(picture.convert("RGB"))[:264, 264:].reshape(-1, 3)
+        assert (inferno_bright[:, 0] > inferno_bright[:, 2] + 60).any()  # warm map colours, not grey
