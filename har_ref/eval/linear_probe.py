@@ -172,7 +172,8 @@ def linear_probe(weights: str | Path, data_dir: str | Path, out_dir: str | Path,
     W, b, refit = fit_probe(ProbeData.of(x, y, len(class_names)), best["C"], solutions[best["C"]])
     record = {"method": "linear probe: multinomial logistic regression on frozen L2-normalized image embeddings",
               "weights": str(weights), "C": best["C"],
-              "selected_by": "validation macro-F1, ties: lower validation cross-entropy", "grid": records, "seed": seed, "val_fraction": val_fraction, "train_images": len(x),
+              "selected_by": "validation macro-F1, ties: lower validation cross-entropy", "grid": records,
+              "seed": seed, "val_fraction": val_fraction, "train_images": len(x),
               "fit_images": int((~is_val).sum()), "val_images": int(is_val.sum()), "embed_dim": x.shape[1],
               "refit": refit, "fit_seconds": round(time.perf_counter() - start, 3)}
 
