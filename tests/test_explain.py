@@ -96,7 +96,7 @@ def test_the_traced_tower_gives_the_model_embedding(family, tiny_weights):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_map_sums_to_1_over_the_patches(family, tiny_weights, photos):
-    model = load_model(tiny_weights[family])
+    model = load_model(tiny_weights[family]).requires_grad_(False)  # frozen weights: class maps still work
     pixels = pixels_of(model, photos)
     class_emb = torch.nn.functional.normalize(torch.randn(4, model.cfg.embed_dim), dim=-1)
     maps = [attention_map(model, pixels), *class_maps(model, pixels, class_emb, [0, 3, torch.arange(6) % 4])]

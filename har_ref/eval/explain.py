@@ -159,8 +159,8 @@ def class_maps(model: DualEncoder, pixels: torch.Tensor, class_emb: torch.Tensor
     """
     if not classes:
         return []
-    with torch.enable_grad():
-        trace = trace_image_tower(model.vision, pixels)
+    with torch.enable_grad():  # pixels that need a gradient: the graph exists even with frozen weights
+        trace = trace_image_tower(model.vision, pixels.detach().requires_grad_())
         scores = model.score(F.normalize(trace.embedding.float(), dim=-1), class_emb)
         attended = trace.blocks if trace.probe is None else [trace.probe]
         batch = torch.arange(len(pixels), device=scores.device)
