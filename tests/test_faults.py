@@ -164,28 +164,46 @@ def test_two_rank_independent_run_killed_mid_step_resumes_to_the_same_weights(we
     assert worst < 1e-5
 
 
+def checkpoint_micro_step(out: Path) -> int | None:
+    """The micro-step of OUT's current checkpoint, None if there is none (or it was being swapped)."""
+    try:
+        return torch.load(find_checkpoint(out) / "trainer_state.pt", weights_only=True)["micro_step"]
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return None
+
+
 def test_sigkill_at_random_moments_with_a_worker(reference, weights, data_dir, tmp_path):
-    """Killed from outside at random moments (in a step, a write, evaluation, or after the end);
-    with a data worker where the reference had none: augmentation depends on the item only."""
+    """Killed from outside three times, each time after the process wrote a checkpoint of its own: the first
+    right after it (mid-epoch), the others after a random delay (in a step, a write, evaluation, or after the
+    end). Every restart is a --resume; with a data worker where the reference had none: augmentation
+    depends on the item only."""
     out = tmp_path / "run"
     args = flags("clip", weights, data_dir, out, **{"--workers": 1, "--checkpoint-every": 1})
     rng = random.Random(0)
-    again = []
-    for _ in range(3):
-        process = subprocess.Popen([sys.executable, "-m", "har_ref", *args, *again], env=ENV,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while not (out / "log.jsonl").exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 1.0))
-        process.kill()
-        process.wait()
-        try:
-            find_checkpoint(out)
-            again = ["--resume"]
-        except FileNotFoundError:  # killed before its first checkpoint was complete
-            again = ["--overwrite"]
-    run(args + again)
+    env = {**ENV, "PYTHONUNBUFFERED": "1"}  # the "resumed from" line reaches the file before the kill
+    first_kill_at = None
+    for attempt in range(3):
+        before = checkpoint_micro_step(out)
+        log = tmp_path / f"attempt{attempt}.txt"
+        with open(log, "w") as stdout:
+            process = subprocess.Popen([sys.executable, "-m", "har_ref", *args, *(["--resume"] if attempt else [])],
+                                       env=env, stdout=stdout, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 300
+            while checkpoint_micro_step(out) in (None, before) and process.poll() is None:
+                assert time.monotonic() < deadline, "no checkpoint after 300 s"
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 1.5) if attempt else 0.0)
+            process.kill()
+            process.wait()
+        assert checkpoint_micro_step(out) is not None
+        if attempt == 0:
+            first_kill_at = checkpoint_micro_step(out)
+            assert process.returncode == SIGKILL and not (out / "metrics.json").exists()  # killed mid-run
+        else:
+            assert "[train] resumed from" in log.read_text()
+    assert 1 <= first_kill_at < 14  # 2 epochs of 7 micro-batches
+    final = run(args + ["--resume"])
+    assert "[train] resumed from" in final.stdout
     assert outcome(out) == reference["independent"]
 
 
