@@ -144,11 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-per-class", type=int, default=126)
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("synth", help="generate the offline synthetic HAR-like dataset")
-    p.add_argument("--out", required=True)
-    p.add_argument("--train-per-class", type=int, default=60)
-    p.add_argument("--test-per-class", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    from .demo import synthetic  # its defaults are the demo's world
+
+    p = sub.add_parser("synth", help="draw the demo's synthetic HAR-like world: train/, test/, test_shift/ "
+                                     "and boxes.json (see har_ref/demo/synthetic.py)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="dataset directory to write")
+    p.add_argument("--train-per-class", type=int, default=synthetic.TRAIN_PER_CLASS, help="training images")
+    p.add_argument("--test-per-class", type=int, default=synthetic.TEST_PER_CLASS, help="test images")
+    p.add_argument("--shift-per-class", type=int, default=None,
+                   help="images of the shifted test split (None: as many as --test-per-class; 0: no test_shift/)")
+    p.add_argument("--image-size", type=int, default=synthetic.IMAGE_SIZE, help="pixels, square")
+    p.add_argument("--variation", type=float, default=synthetic.VARIATION,
+                   help="strength of the nuisances, 0 (the tiny models' pretraining world) to 1")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
+    p.add_argument("--overwrite", action="store_true", help="replace the splits and boxes.json already in OUT")
 
     p = sub.add_parser("pretrain", help="pretrain the demo's tiny CLIP and SigLIP on synthetic image-caption pairs")
     p.add_argument("--out", default=None, help="default: har_ref/demo/checkpoints (what the demo starts from)")
@@ -216,8 +226,9 @@ def run(args) -> None:
             print(f"  note: {report['note']}")
     elif args.command == "synth":
         from .demo.synthetic import generate
-        generate(args.out, train_per_class=args.train_per_class, test_per_class=args.test_per_class, seed=args.seed)
-        print(f"wrote {args.out}/train and {args.out}/test")
+        generate(args.out, args.train_per_class, args.test_per_class, args.shift_per_class, args.image_size,
+                 args.seed, args.variation, args.overwrite)
+        print(f"wrote {args.out}/train, test, " + ("test_shift and " if args.shift_per_class else "") + "boxes.json")
     elif args.command == "pretrain":
         from .demo.pretrain import pretrain
         from .demo.tiny import CHECKPOINTS

@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
+from flat_layout import write_flat_csv_layout
 from har_ref.data.prompts import PromptBank
-from har_ref.demo.synthetic import CLASS_NAMES, write_flat_csv_layout
+from har_ref.demo.synthetic import CLASS_NAMES
 from tiny_checkpoint import make_tiny_checkpoint
 
 

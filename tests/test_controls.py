@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -28,11 +27,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A small world with a shifted split (here: the same generator with another seed and more nuisance)."""
+    """A small world with its shifted split (synthetic.py: held-out walls, palette and ink outlines)."""
     root = tmp_path_factory.mktemp("world")
-    generate(root / "data", train_per_class=6, test_per_class=8, image_size=64, seed=3, variation=0.0)
-    generate(root / "shift", train_per_class=1, test_per_class=4, image_size=64, seed=4, variation=0.3)
-    shutil.move(root / "shift" / "test", root / "data" / "test_shift")
+    generate(root / "data", train_per_class=6, test_per_class=8, shift_per_class=4, image_size=64, seed=3,
+             variation=0.0)
     return root / "data"
 
 

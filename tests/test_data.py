@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 
 import har_ref.data.folders as folders
+from flat_layout import write_flat_csv_layout
 from har_ref.data.folders import ImageFolderDataset, build_splits, make_eval_loader, make_train_loader
 from har_ref.data.prompts import DEFAULT_PROMPTS, PromptBank, PromptSampler, class_phrase
 from har_ref.data.prepare import prepare_splits
-from har_ref.demo.synthetic import CLASS_NAMES, write_flat_csv_layout
+from har_ref.demo.synthetic import CLASS_NAMES
 
 
 def write_png(path: Path, value: int = 0, size: int = 8) -> Path:
