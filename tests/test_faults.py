@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -172,11 +173,17 @@ def checkpoint_micro_step(out: Path) -> int | None:
         return None
 
 
+def resumed_at(stdout: str) -> int:
+    """The micro-step a run says it resumed from (7 micro-batches per epoch)."""
+    epoch, micro_batch = re.search(r"resumed from \S+ at epoch (\d+), micro-batch (\d+)", stdout).groups()
+    return (int(epoch) - 1) * 7 + int(micro_batch)
+
+
 def test_sigkill_at_random_moments_with_a_worker(reference, weights, data_dir, tmp_path):
     """Killed from outside three times, each time after the process wrote a checkpoint of its own: the first
     right after it (mid-epoch), the others after a random delay (in a step, a write, evaluation, or after the
-    end). Every restart is a --resume; with a data worker where the reference had none: augmentation
-    depends on the item only."""
+    end). Every restart is a --resume from the checkpoint the last process left; with a data worker where the
+    reference had none: augmentation depends on the item only."""
     out = tmp_path / "run"
     args = flags("clip", weights, data_dir, out, **{"--workers": 1, "--checkpoint-every": 1})
     rng = random.Random(0)
@@ -199,11 +206,12 @@ def test_sigkill_at_random_moments_with_a_worker(reference, weights, data_dir, t
         if attempt == 0:
             first_kill_at = checkpoint_micro_step(out)
             assert process.returncode == SIGKILL and not (out / "metrics.json").exists()  # killed mid-run
-        else:
-            assert "[train] resumed from" in log.read_text()
+        else:  # a restart from --weights would end with the same bytes: only this line tells them apart
+            assert resumed_at(log.read_text()) == before
     assert 1 <= first_kill_at < 14  # 2 epochs of 7 micro-batches
+    before = checkpoint_micro_step(out)
     final = run(args + ["--resume"])
-    assert "[train] resumed from" in final.stdout
+    assert resumed_at(final.stdout) == before
     assert outcome(out) == reference["independent"]
 
 
