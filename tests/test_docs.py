@@ -32,12 +32,11 @@ SOURCE_DIRS = PACKAGES + ("tests", "docs")  # a path starting here names a file 
 
 # The one list of references that are not to this tree. Everything else must resolve.
 NOT_IN_THE_TREE = frozenset({
-    # Files a run, a conversion, `prepare`, `pretrain` or a benchmark writes into its output directory
-    # (named alone or under a placeholder such as OUT/ or runs/demo/; `har_ref/...` paths must exist).
+    # Files a run, a conversion, `prepare`, `synth`, `pretrain` or a benchmark writes into its output
+    # directory (named alone or under a placeholder such as OUT/ or runs/demo/; `har_ref/...` paths must exist).
     "config.json", "train_config.json", "classes.json", "prompts.json", "metrics.json", "metrics_shift.json",
-    "comparison.json",
-    "wise_ft.json", "manifest.json", "prepare_report.json", "prompt_ablation.json", "best_prompts.json",
-    "report.md", "prompt_ablation.md", "bench.json",
+    "comparison.json", "wise_ft.json", "manifest.json", "prepare_report.json", "prompt_ablation.json",
+    "best_prompts.json", "report.md", "prompt_ablation.md", "bench.json", "boxes.json",
     # ... and the tokenizer / processor files of a transformers checkpoint directory.
     "vocab.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "preprocessor_config.json",
@@ -47,7 +46,6 @@ NOT_IN_THE_TREE = frozenset({
     "--nproc_per_node", "--accum-freq",
 })
 
-CHECKED_EXTENSIONS = ("py", "json", "md", "toml")
 FILE_REF = re.compile(r"(?<![\w/.-])((?:[\w.-]+/)*[\w-]+\.(?:py|json|md|toml))(?![\w/-])"
                       r"(?:::([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*))?")
 DOTTED = re.compile(r"(?<![\w./:-])([A-Za-z_]\w*)((?:\.[A-Za-z_]\w*)+)(?![\w/-])")
@@ -75,8 +73,8 @@ def _members(body: list[ast.stmt]) -> dict[str, ast.AST]:
     for node in body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names[node.name] = node
-        elif isinstance(node, ast.Assign):
-            names.update((t.id, node) for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.Assign):  # also `A, B = 1, 2`
+            names.update((t.id, node) for target in node.targets for t in ast.walk(target) if isinstance(t, ast.Name))
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             names[node.target.id] = node
     return names
@@ -137,6 +135,21 @@ def package_classes() -> dict[str, list[ast.ClassDef]]:
     return classes
 
 
+@functools.lru_cache(maxsize=None)
+def typed_attributes() -> dict[str, set[str]]:
+    """Attribute name -> the package classes its annotations name (`vision: VisionConfig` in ModelConfig), so
+    that `vision.image_size` resolves through the field's type."""
+    types: dict[str, set[str]] = {}
+    for classes in package_classes().values():
+        for cls in classes:
+            for node in cls.body:
+                if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                    named = {n.id for n in ast.walk(node.annotation) if isinstance(n, ast.Name)}
+                    named |= {n.value for n in ast.walk(node.annotation) if isinstance(n, ast.Constant)}
+                    types.setdefault(node.target.id, set()).update(t for t in named if t in package_classes())
+    return types
+
+
 def _flags_of(parser: argparse.ArgumentParser) -> dict[str, set[str]]:
     """Subcommand -> its option strings."""
     commands = {}
@@ -194,14 +207,16 @@ def _exempt_file(path: str) -> bool:
 
 
 def _check_dotted(first: str, rest: str, modules_too: bool) -> str | None | bool:
-    """False if `first.rest` is not a reference to check; None if it resolves; else why not."""
+    """False if `first.rest` is not a reference to check; None if it resolves (in the class, or the module
+    or one of its classes, or the type of a field named `first`); else why not."""
     if rest.rsplit(".", 1)[-1] in NOT_A_NAME:
         return False
     classes = package_classes().get(first, [])
     modules = package_modules().get(first, []) if modules_too else []
     if not classes and not modules:
         return False
-    scopes = classes + modules + [c for m in modules for c in m.body if isinstance(c, ast.ClassDef)]
+    field_types = [c for name in typed_attributes().get(first, ()) for c in package_classes()[name]]
+    scopes = classes + modules + [c for m in modules for c in m.body if isinstance(c, ast.ClassDef)] + field_types
     problems = [_lookup(scope, rest[1:], first) for scope in scopes]
     return None if None in problems else f"{first}{rest}: no class or module named {first!r} defines {rest[1:]!r}"
 
@@ -378,7 +393,8 @@ def test_checker_finds_each_form_of_reference():
     for path, name in [("har_ref/train/losses.py", "clip_loss"), ("har_ref/data/prompts.py", "PromptSampler.sample"),
                        ("har_ref/train/losses.py", "MAX_LOGIT_SCALE"), ("har_ref/train/config.py", "TrainConfig.xbm_warmup_steps"),
                        ("tests/test_losses.py", "naive_clip_loss"), ("har_ref/train/xbm.py", None),
-                       ("har_ref/model/vision.py", "VisionTransformer.patch_embed")]:
+                       ("har_ref/model/vision.py", "VisionTransformer.patch_embed"),
+                       ("har_ref/demo/synthetic.py", "VARIATION")]:  # assigned in a tuple
         assert check_reference(path, name) is None, (path, name)
     # made-up ones are flagged, each with a reason
     for path, name in [("har_ref/train/losses.py", "clip_los"), ("har_ref/data/prompts.py", "PromptSampler.samplee"),
@@ -439,6 +455,7 @@ def test_planted_bad_references_in_comments_fail_the_check(tmp_path):
     module = tmp_path / "module.py"
     module.write_text('"""Reads data.py, as `loop.choose_loss` says (see faults.py and loop.py)."""\n'
                       "# the memory's rows: `CrossBatchMemory.get`, xbm.py; flags --resume and --no-such-flag\n"
+                      "# cfg.vision.image_size: vision.image_size is a field of the config's vision part\n"
                       "x = 1\n")
     problems = code_problems(module, ROOT / "har_ref" / "train")
     assert len(problems) == 3, problems
