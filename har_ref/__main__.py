@@ -21,7 +21,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, help="converted checkpoint directory (config.json, model.safetensors)")
     p.add_argument("--data", required=True, help="dataset with train/<class>/ and test/<class>/")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same flags as the run)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="auto",
+                   help="continue from OUT/checkpoint (same flags as the run); `--resume auto`: continue OUT's "
+                        "run if it has these options, leave it if finished, start it if OUT holds none")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT")
     # Every field of TrainConfig is a flag; defaults come from the --model preset, shown per preset.
     presets = {name: preset(name) for name in ("clip", "siglip")}
@@ -173,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> None:
     if args.command == "train":
         from .train.loop import train
+        if args.resume not in (True, False, "auto"):
+            raise ValueError(f"--resume takes no value or auto, got {args.resume!r}.")
         train(train_config_from(args), args.weights, args.data, args.out, resume=args.resume,
               overwrite=args.overwrite)
     elif args.command == "evaluate":

@@ -173,10 +173,10 @@ def checkpoint_micro_step(out: Path) -> int | None:
         return None
 
 
-def resumed_at(stdout: str) -> int:
-    """The micro-step a run says it resumed from (7 micro-batches per epoch)."""
-    epoch, micro_batch = re.search(r"resumed from \S+ at epoch (\d+), micro-batch (\d+)", stdout).groups()
-    return (int(epoch) - 1) * 7 + int(micro_batch)
+def resumed_at(stdout: str) -> int | None:
+    """The micro-step a run says it resumed from (7 micro-batches per epoch); None if it did not resume."""
+    found = re.search(r"resumed from \S+ at epoch (\d+), micro-batch (\d+)", stdout)
+    return None if found is None else (int(found[1]) - 1) * 7 + int(found[2])
 
 
 def test_sigkill_at_random_moments_with_a_worker(reference, weights, data_dir, tmp_path):

@@ -16,6 +16,9 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # The two families (ModelConfig.family) and the names reports, charts and predictions print for them.
 MODEL_NAMES = {"clip": "CLIP", "siglip": "SigLIP"}
+# The two losses (ModelConfig.loss), by the family that introduced them, and what reports call them.
+LOSS_NAMES = {"clip": "InfoNCE", "siglip": "sigmoid"}
+SIGLIP_LOGIT_BIAS_INIT = -10.0  # b's start (SigLIP paper, sec. 3.2)
 # config.json fields of earlier versions, read under their current names.
 RENAMED_FIELDS = {"logit_scale_init": "logit_scale", "logit_bias_init": "logit_bias"}
 
@@ -66,7 +69,12 @@ class ModelConfig:
     # The t and b the checkpoint's weights hold (save_model writes them from the tensors); a model
     # built from this config without weights starts with them. Defaults: the papers' inits.
     logit_scale: float = math.log(1 / 0.07)  # t, the log temperature: CLIP paper init; SigLIP's is log(10)
-    logit_bias: float | None = None  # b, SigLIP only: init -10 (SigLIP paper, sec. 3.2); None for CLIP
+    # b: SigLIP's (init -10, SigLIP paper, sec. 3.2), or the one CLIP towers learn under the sigmoid loss;
+    # None: no b (CLIP). The logits include b whenever the model has one (dual_encoder.py::DualEncoder.score).
+    logit_bias: float | None = None
+    # The loss the weights were last trained with, "clip" (InfoNCE) | "siglip" (sigmoid); None (a converted
+    # checkpoint) is the family's own. Probabilities follow it: softmax for InfoNCE, sigmoid for the sigmoid loss.
+    loss: str | None = None
     # Image preprocessing, mirrored from the upstream image processors.
     image_mean: tuple[float, float, float] = OPENAI_MEAN
     image_std: tuple[float, float, float] = OPENAI_STD
@@ -75,6 +83,10 @@ class ModelConfig:
     def __post_init__(self):
         if self.family not in MODEL_NAMES:
             raise ValueError(f"config.json: family must be 'clip' or 'siglip', got {self.family!r}")
+        if self.loss is None:
+            self.loss = self.family
+        if self.loss not in LOSS_NAMES:
+            raise ValueError(f"config.json: loss must be 'clip' or 'siglip', got {self.loss!r}")
         if isinstance(self.vision, dict):
             self.vision = VisionConfig(**self.vision)
         if isinstance(self.text, dict):
@@ -86,9 +98,17 @@ class ModelConfig:
         return asdict(self)
 
     def architecture(self) -> dict:
-        """Every field but t and b, which record the weights' values: what a fine-tuned checkpoint
-        shares with the one it was fine-tuned from."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("logit_scale", "logit_bias")}
+        """Every field but t, b and the loss, which record how the weights were trained: what a fine-tuned
+        checkpoint shares with the one it was fine-tuned from."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("logit_scale", "logit_bias", "loss")}
+
+    @property
+    def name(self) -> str:
+        """What reports call the model: "CLIP", "SigLIP", or towers and loss when the loss is the other
+        family's ("CLIP towers + sigmoid loss")."""
+        if self.loss == self.family:
+            return MODEL_NAMES[self.family]
+        return f"{MODEL_NAMES[self.family]} towers + {LOSS_NAMES[self.loss]} loss"
 
     def save(self, directory: str | Path) -> None:
         path = Path(directory) / "config.json"
@@ -129,7 +149,7 @@ def siglip_base_patch16_224() -> ModelConfig:
                         act="gelu_tanh", ln_eps=1e-6, causal=False, pool="last", eos_token_id=1,
                         eos_by_argmax=False, pad_token_id=1, proj_bias=True),
         logit_scale=math.log(10.0),
-        logit_bias=-10.0,
+        logit_bias=SIGLIP_LOGIT_BIAS_INIT,
         image_mean=(0.5, 0.5, 0.5),
         image_std=(0.5, 0.5, 0.5),
         resize="square",

@@ -3,6 +3,9 @@
     CLIP   (Radford et al. 2021):  logits = exp(t) * cos(x_i, y_j)
     SigLIP (Zhai et al. 2023):     logits = exp(t) * cos(x_i, y_j) + b
 
+CLIP towers trained with the sigmoid loss (`train --loss siglip`) learn a b too: config.json then holds
+one (ModelConfig.logit_bias) and the model scores with it like SigLIP.
+
 `load_model(dir)` reads a converted checkpoint (config.json + model.safetensors);
 nothing is ever unpickled.
 """
@@ -29,10 +32,15 @@ class DualEncoder(nn.Module):
         self.vision = VisionTransformer(cfg.vision, cfg.embed_dim)
         self.text = TextTransformer(cfg.text, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale)))
-        if cfg.family == "siglip":
+        if cfg.family == "siglip" or cfg.logit_bias is not None:
             self.logit_bias = nn.Parameter(torch.tensor(float(cfg.logit_bias or 0.0)))
         else:
             self.logit_bias = None
+
+    def add_logit_bias(self, value: float) -> None:
+        """Give a model without b one, started at `value` (CLIP towers trained with the sigmoid loss)."""
+        self.logit_bias = nn.Parameter(torch.tensor(float(value), device=self.logit_scale.device))
+        self.cfg = replace(self.cfg, logit_bias=float(value))
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, D] projected, not normalized."""
@@ -84,10 +92,16 @@ def load_state(model: DualEncoder, tensors: dict[str, torch.Tensor], source: str
     unexpected = sorted(set(tensors) - set(expected))
     shapes = sorted(f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
                     if k in tensors and tensors[k].shape != v.shape)
-    if ("logit_bias" in tensors) != ("logit_bias" in expected):  # only SigLIP learns a bias
-        found, described = ("SigLIP", "CLIP") if "logit_bias" in tensors else ("CLIP", "SigLIP")
-        raise ValueError(f"{source} holds {found} weights but config.json next to it describes {described}; "
-                         "use the config.json written with these weights (re-convert the checkpoint).")
+    family = {"vision.class_token": "CLIP", "vision.head.probe": "SigLIP"}  # the pooling each family has
+    found, described = ([name for key, name in family.items() if key in keys] for keys in (tensors, expected))
+    if found != described:
+        raise ValueError(f"{source} holds {'/'.join(found) or 'unknown'} weights but config.json next to it "
+                         f"describes {'/'.join(described)}; use the config.json written with these weights "
+                         "(re-convert the checkpoint).")
+    if ("logit_bias" in tensors) != ("logit_bias" in expected):  # SigLIP's b, or one CLIP towers learned
+        found, described = ("a logit bias b", "none") if "logit_bias" in tensors else ("no logit bias b", "one")
+        raise ValueError(f"{source} holds {found} but config.json next to it describes {described}; "
+                         "use the config.json written with these weights.")
     if missing or unexpected or shapes:
         raise ValueError(f"{source} does not match config.json: missing {missing[:8]}, "
                          f"unexpected {unexpected[:8]}, wrong shape {shapes[:8]}; "

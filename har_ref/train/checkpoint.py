@@ -21,12 +21,15 @@ import os
 import pickle
 import random
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .. import distributed as dist
+from ..data.folders import find_classes
+from ..model.config import ModelConfig
 from ..model.dual_encoder import DualEncoder, load_state, read_safetensors, save_model
 from .config import TrainConfig
 from .state import MicroBatch, TrainState
@@ -35,9 +38,10 @@ from .state import MicroBatch, TrainState
 RUN_FILES = ("train_config.json", "log.jsonl", "classes.json", "prompts.json", "skipped.txt", "metrics.json",
              "predictions.csv", "confusion.png", "config.json", "model.safetensors", "checkpoint",
              "checkpoint.tmp", "checkpoint.old")
-# Settings that may change between a run and its resume: they do not change the computation.
-RESUMABLE_CHANGES = {"workers", "eval_batch", "compile", "grad_checkpointing", "checkpoint_every",
-                     "checkpoint_minutes", "max_nonfinite", "cache_dir"}
+# Options that may differ between a run and its resume (--resume, --resume auto): they change how fast a run
+# goes, how often it checkpoints and where it caches images, not what it computes.
+RESUMABLE_CHANGES = ("workers", "eval_batch", "compile", "grad_checkpointing", "checkpoint_every",
+                     "checkpoint_minutes", "max_nonfinite", "cache_dir")
 
 
 def _fsync(path: Path) -> None:
@@ -164,10 +168,9 @@ def prepare_run_directory(out: Path, weights: Path, cfg: TrainConfig, resume: bo
         find_checkpoint(out)
         saved_path = out / "train_config.json"
         if saved_path.is_file():
-            saved, now = json.loads(saved_path.read_text()), cfg.__dict__
-            changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k, now[k]) != now[k])
+            changed = changed_options(TrainConfig.load(saved_path), cfg)
             if changed:
-                diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+                diffs = ", ".join(f"{k}: {there!r} -> {now!r}" for k, there, now in changed)
                 raise ValueError(f"--resume: {out} was trained with other settings ({diffs}); pass the run's "
                                  "original flags, or start a new run in another --out.")
     elif present and not overwrite:
@@ -177,3 +180,56 @@ def prepare_run_directory(out: Path, weights: Path, cfg: TrainConfig, resume: bo
         for name in present:
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
+def changed_options(saved: TrainConfig, now: TrainConfig) -> list[tuple[str, object, object]]:
+    """(option, value in the run, value now) for every option that changes what the run computes, in
+    TrainConfig's order; an option older runs did not record is read as its default (TrainConfig.load)."""
+    there, here = asdict(saved), asdict(now)
+    return [(k, there[k], here[k]) for k in here if k not in RESUMABLE_CHANGES and there[k] != here[k]]
+
+
+def auto_resume(out: Path, weights: Path, data: Path, cfg: TrainConfig) -> str:
+    """--resume auto: what to do with OUT, so that running the same command again is always safe.
+
+    "fresh"     OUT is absent or holds no run: start.
+    "resume"    OUT holds a checkpoint of this run (same options, same towers, same classes): continue it.
+    "restart"   OUT holds this run's first files but no checkpoint yet: start it again.
+    "finished"  OUT holds this run, finished (its metrics written, the checkpoint at the last epoch): leave it.
+    A run of other options is refused with ValueError, naming the first option that differs."""
+    if not [name for name in RUN_FILES if (out / name).exists()]:
+        return "fresh"
+    if not (out / "train_config.json").is_file():
+        raise ValueError(f"--resume auto: {out} holds files of a run but no train_config.json, so its options "
+                         "are unknown; pass another --out, or --overwrite to replace that run.")
+    changed = changed_options(TrainConfig.load(out / "train_config.json"), cfg)
+    difference = (f"--{changed[0][0].replace('_', '-')} {changed[0][1]!r} there, {changed[0][2]!r} now" if changed
+                  else other_inputs(out, weights, data))
+    if difference:
+        raise ValueError(f"--resume auto: {out} holds a run of other options ({difference}); pass that run's "
+                         "options, another --out, or --overwrite to replace it.")
+    try:
+        ckpt = find_checkpoint(out)
+    except FileNotFoundError:
+        ckpt = None
+    metrics = ["metrics.json"] + (["metrics_shift.json"] if cfg.shift_split and (data / cfg.shift_split).is_dir()
+                                  else [])
+    if all((out / name).is_file() for name in metrics + ["model.safetensors"]):  # evaluation writes metrics last
+        epochs_done = 0 if ckpt is None else torch.load(ckpt / "trainer_state.pt", map_location="cpu",
+                                                        weights_only=True, mmap=True)["epoch"]
+        if epochs_done == cfg.epochs:
+            return "finished"
+    return "restart" if ckpt is None else "resume"
+
+
+def other_inputs(out: Path, weights: Path, data: Path) -> str:
+    """How --weights and --data differ from the run's, as far as the run directory records them: the towers
+    (its config.json's architecture) and the classes (its classes.json); "" when they agree."""
+    recorded = next((d for d in (out / "checkpoint", out / "checkpoint.old", out) if (d / "config.json").is_file()),
+                    None)
+    if recorded is not None and ModelConfig.load(recorded).architecture() != ModelConfig.load(weights).architecture():
+        return f"--weights {weights} has other towers than {recorded}/config.json"
+    if (out / "classes.json").is_file() and (data / "train").is_dir():
+        if json.loads((out / "classes.json").read_text()) != find_classes(data / "train"):
+            return f"--data {data}/train holds other classes than {out}/classes.json"
+    return ""

@@ -13,7 +13,8 @@ from pathlib import Path
 
 @dataclass
 class TrainConfig:
-    model: str = "clip"  # "clip" | "siglip": which loss, and the preset it came from
+    model: str = "clip"  # "clip" | "siglip": the protocol preset, and the towers the --weights checkpoint must have
+    loss: str | None = None  # "clip" (InfoNCE) | "siglip" (sigmoid, with a learnable b); None: the --model preset's
     epochs: int = 10
     micro_batch: int = 128  # images per forward/backward
     accum_steps: int = 32  # micro-batches per optimizer step; effective batch = micro_batch * accum_steps
@@ -25,10 +26,14 @@ class TrainConfig:
     warmup_steps: int = 2  # optimizer steps of linear warm-up, then cosine decay to 0
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"
-    pos_weight: str = "none"  # SigLIP only: "none" | "balanced" | a number
-    # SigLIP only: where b starts, "checkpoint" (keep the b the checkpoint holds, ModelConfig.logit_bias) |
-    # "auto" (logit of the positive share) | a number
+    pos_weight: str = "none"  # sigmoid loss only: "none" | "balanced" | a number
+    # Sigmoid loss only: where b starts, "checkpoint" (keep the b the checkpoint holds, ModelConfig.logit_bias;
+    # CLIP towers hold none and start at SigLIP's -10) | "auto" (logit of the positive share) | a number
     logit_bias_init: str = "checkpoint"
+    # "upstream": t clamped to [0, ln 100] under InfoNCE (CLIP sec. 2.5, open_clip), free under the sigmoid
+    # loss (big_vision) | "none": never clamped
+    clamp_logit_scale: str = "upstream"
+    lock: str = ""  # "image" | "text": that tower is frozen (LiT, Zhai et al. 2022, is "image"); "": train both
     balanced_batches: bool = False  # every micro-batch holds each class within one of micro_batch / K
     augment: bool = False  # random resized crop + horizontal flip on train images
     workers: int = 2
@@ -46,6 +51,10 @@ class TrainConfig:
     shift_split: str = "test_shift"  # also evaluate DATA/<shift_split>/ when it exists ("" never)
     synthetic: bool = False  # set by the offline demo so reports say what the numbers are
 
+    def __post_init__(self):
+        if self.loss is None:  # the preset's loss: CLIP's InfoNCE for clip, the sigmoid loss for siglip
+            self.loss = self.model
+
     @property
     def effective_batch(self) -> int:
         return self.micro_batch * self.accum_steps
@@ -53,6 +62,10 @@ class TrainConfig:
     def validate(self) -> None:
         checks = [
             (self.model in ("clip", "siglip"), f"--model must be clip or siglip, got {self.model!r}"),
+            (self.loss in ("clip", "siglip"), f"--loss must be clip (InfoNCE) or siglip (sigmoid), got {self.loss!r}"),
+            (self.lock in ("", "image", "text"), f"--lock must be image or text, got {self.lock!r}"),
+            (self.clamp_logit_scale in ("upstream", "none"),
+             f"--clamp-logit-scale must be upstream or none, got {self.clamp_logit_scale!r}"),
             (self.accum_mode in ("independent", "cached"), f"--accum-mode must be independent or cached, got {self.accum_mode!r}"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"), f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}"),
             (self.micro_batch > 0, f"--micro-batch (the batch size) must be a positive number of images, got {self.micro_batch}"),

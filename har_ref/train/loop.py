@@ -45,13 +45,25 @@ from .config import TrainConfig
 from .faults import TrainingStopped
 from .losses import clamp_logit_scale_
 from .optim import autocast
-from .setup import setup
+from .setup import locked_tower, setup
 from .state import MicroBatch, Run, TrainState
 
 
-def train(cfg: TrainConfig, weights, data, out, resume: bool = False, overwrite: bool = False) -> dict:
-    """Fine-tune the checkpoint WEIGHTS on DATA into the run directory OUT; returns the test metrics."""
-    run, state = setup(cfg, Path(weights), Path(data), Path(out), resume, overwrite)  # setup.py
+def train(cfg: TrainConfig, weights, data, out, resume: bool | str = False, overwrite: bool = False) -> dict:
+    """Fine-tune the checkpoint WEIGHTS on DATA into the run directory OUT; returns the test metrics.
+    `resume`: True continues OUT's checkpoint; "auto" continues it, starts, or leaves a finished run as it
+    is, whichever OUT calls for (checkpoint.py::auto_resume), so the same command can always be re-run."""
+    weights, data, out = Path(weights), Path(data), Path(out)
+    if resume == "auto":
+        if overwrite:
+            raise ValueError("--resume auto and --overwrite contradict each other; pass one of them.")
+        mode = checkpoint.auto_resume(out, weights, data, cfg)
+        if mode == "finished":
+            return finished_metrics(out)
+        if mode == "restart" and dist.is_main_process():
+            print(f"[train] {out} holds this run's first files but no checkpoint yet: starting it again")
+        resume, overwrite = mode == "resume", mode == "restart"
+    run, state = setup(cfg, weights, data, out, resume, overwrite)  # setup.py
     with run.stop:
         while state.epoch < cfg.epochs:
             record = train_epoch(run, state)
@@ -71,7 +83,7 @@ def train(cfg: TrainConfig, weights, data, out, resume: bool = False, overwrite:
 def train_epoch(run: Run, state: TrainState) -> dict:
     """The rest of the current epoch (all of it, unless resumed part-way); returns its log record."""
     cfg = run.cfg
-    run.model.train()
+    train_mode(run)
     run.loader.sampler.set_epoch(state.epoch, skip=state.batch_in_epoch * cfg.micro_batch)
     start, images, first = time.perf_counter(), 0, state.batch_in_epoch
     n_micro = first + len(run.loader)
@@ -110,6 +122,13 @@ def train_epoch(run: Run, state: TrainState) -> dict:
     state.epoch += 1
     state.batch_in_epoch, state.epoch_losses, state.skipped_steps, state.nonfinite.total = 0, [], 0, 0
     return record
+
+
+def train_mode(run: Run) -> None:
+    """Both towers in training mode, but a locked one (--lock) stays in eval mode: it is not being trained."""
+    run.model.train()
+    if run.cfg.lock:
+        locked_tower(run.model, run.cfg.lock).eval()
 
 
 # ---------------------------------------------------------------- the loss and the two accumulation modes
@@ -258,7 +277,8 @@ def optimizer_step(run: Run, state: TrainState) -> None:
         state.skipped_steps += 1
         print(f"\n[train] optimizer step {state.step + 1}: non-finite gradients, step skipped", file=sys.stderr)
     state.optimizer.zero_grad(set_to_none=True)
-    clamp_logit_scale_(run.model.logit_scale, run.model.cfg.family)  # CLIP: exp(t) <= 100; SigLIP: free
+    if run.cfg.clamp_logit_scale == "upstream":  # InfoNCE: exp(t) <= 100; the sigmoid loss: free
+        clamp_logit_scale_(run.model.logit_scale, run.cfg.loss)
     with warnings.catch_warnings():  # a skipped first step makes PyTorch warn; the schedule
         warnings.simplefilter("ignore", UserWarning)  # follows steps taken or skipped alike
         state.scheduler.step()
@@ -297,6 +317,15 @@ def save_checkpoint(run: Run, state: TrainState) -> None:
     if run.main:
         checkpoint.save(run.model, state, run.out, pending, grads)
     state.last_save = time.monotonic()
+
+
+def finished_metrics(out: Path) -> dict:
+    """A finished run's test metrics as train returns them, read back; nothing in OUT is touched."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    if (out / "metrics_shift.json").is_file():
+        metrics["shift"] = json.loads((out / "metrics_shift.json").read_text())
+    print(f"[train] {out} holds this run, finished (test macro-F1 {metrics['macro_f1']:.4f}): left as it is")
+    return metrics
 
 
 def progress(run: Run, state: TrainState, i: int, n: int, n_epoch: int, images: int, start: float) -> None:

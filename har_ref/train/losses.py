@@ -7,7 +7,7 @@ open_clip/loss.py. Conventions shared by both losses:
   projections the encoders return. Both losses L2-normalize every embedding inside
   (batch and extra rows), so callers never normalize.
 - `logit_scale` is the learnable *log* temperature t; logits use exp(t), as in CLIP and
-  SigLIP. After each optimizer step `clamp_logit_scale_` clamps CLIP's (SigLIP's is not clamped).
+  SigLIP. After each optimizer step `clamp_logit_scale_` clamps it under InfoNCE (not under the sigmoid loss).
 - Positives: with `labels` (class ids) every pair of the same class is a positive, so a
   row may have several; with `labels=None` only the diagonal pair (i, i) is.
 - Extra candidates, rows scored after the batch's own and never anchors: images are scored
@@ -42,14 +42,15 @@ Rows = tuple[Tensor, Tensor, "Tensor | None"]  # extra candidates: (images [N, D
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP sec. 2.5: temperature clipped so logits scale <= 100
 
 
-def clamp_logit_scale_(logit_scale: Tensor, family: str) -> Tensor:
-    """After each optimizer step: CLIP's log temperature is clamped in place to [0, ln 100]
-    (CLIP sec. 2.5, as open_clip does); SigLIP's is left alone, as big_vision leaves it.
+def clamp_logit_scale_(logit_scale: Tensor, loss: str) -> Tensor:
+    """After each optimizer step: under CLIP's InfoNCE (`loss` "clip") the log temperature is clamped in
+    place to [0, ln 100] (CLIP sec. 2.5, as open_clip does); under SigLIP's sigmoid loss it is left alone,
+    as big_vision leaves it (`train --clamp-logit-scale none` never clamps).
 
     Pretrained SigLIP checkpoints end above ln 100 (t ~ 4.72-4.77, exp t ~ 112-117), so CLIP's
     ceiling would cut their temperature at the first step; docs/losses.md has the numbers.
     """
-    if family == "clip":
+    if loss == "clip":
         with torch.no_grad():
             logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
     return logit_scale

@@ -1,4 +1,4 @@
-"""Building a run: the model, its data and prompts, the loss chosen for its family, the optimizer.
+"""Building a run: the model, its data and prompts, the loss (--loss, the preset's by default), the optimizer.
 
 `setup` returns the fixed parts of a run (a `Run`) and a fresh or resumed `TrainState` (state.py);
 loop.py then trains with them. Also here: the files a new run writes before its first step.
@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from ..data.folders import (ImageFolderDataset, build_splits, hold_out, make_tra
                             random_labels, write_items, write_skipped)
 from ..data.image_cache import CachedImageDataset
 from ..data.prompts import DEFAULT_PROMPTS, PromptBank, PromptSampler
+from ..model.config import SIGLIP_LOGIT_BIAS_INIT
 from ..model.dual_encoder import DualEncoder, load_model
 from ..model.tokenizer import load_tokenizer
 from ..model.transforms import build_transform
@@ -45,10 +47,11 @@ class EmbedBoth(nn.Module):
 
 
 def choose_loss(cfg: TrainConfig, model: DualEncoder):
-    """The family's loss with its settings bound, once: (image, text, labels, gathered, memory) -> loss.
-    `gathered` and `memory` are (images, texts, labels) triples or None: this step's rows from other
-    ranks and micro-batches, and the cross-batch memory's (losses.py says what each is)."""
-    if model.cfg.family == "clip":
+    """The run's loss (--loss, whatever the towers) with its settings bound, once:
+    (image, text, labels, gathered, memory) -> loss. `gathered` and `memory` are (images, texts, labels)
+    triples or None: this step's rows from other ranks and micro-batches, and the cross-batch memory's
+    (losses.py says what each is)."""
+    if cfg.loss == "clip":  # InfoNCE has no b: a softmax is the same for every b (SigLIP towers keep theirs unused)
         return lambda image, text, labels, gathered, memory: clip_loss(image, text, model.logit_scale, labels,
                                                                        gathered, memory)
     fixed = None if cfg.pos_weight in ("none", "balanced") else float(cfg.pos_weight)
@@ -74,6 +77,8 @@ def setup(cfg: TrainConfig, weights: Path, data: Path, out: Path, resume: bool, 
     if model.cfg.family != cfg.model:
         raise ValueError(f"--model {cfg.model} but {weights}/config.json is a {model.cfg.family} "
                          f"checkpoint; pass --model {model.cfg.family} or the other weights.")
+    loss_parameters(cfg, model)
+    lock_tower(cfg, model)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     tokenizer = load_tokenizer(weights)
     train_items, _, class_names = build_splits(data)
@@ -82,7 +87,7 @@ def setup(cfg: TrainConfig, weights: Path, data: Path, out: Path, resume: bool, 
         train_items = random_labels(train_items, len(class_names), cfg.seed)
     dataset = build_dataset(cfg, model, train_items, main)
     loader = make_train_loader(dataset, cfg.micro_batch, cfg.workers, cfg.seed, balanced=cfg.balanced_batches)
-    if model.cfg.family == "siglip" and cfg.logit_bias_init != "checkpoint":  # before DDP copies rank 0's b
+    if cfg.loss == "siglip" and cfg.logit_bias_init != "checkpoint":  # before DDP copies rank 0's b
         with torch.no_grad():
             model.logit_bias.fill_(initial_logit_bias(cfg.logit_bias_init, loader))
     prompts = PromptSampler(PromptBank.from_file(cfg.prompts, class_names), class_names, tokenizer, device, cfg.seed)
@@ -105,15 +110,42 @@ def setup(cfg: TrainConfig, weights: Path, data: Path, out: Path, resume: bool, 
     out.mkdir(parents=True, exist_ok=True)
     if resume:
         checkpoint.load(out, model, state, lambda epoch, indices: reread_micro_batch(run, epoch, indices))
-    elif main:  # a resumed run keeps the files its first start wrote
-        (out / "log.jsonl").write_text("")
+    elif main:  # a resumed run keeps the files its first start wrote; the options first (--resume auto reads them)
         cfg.save(out / "train_config.json")
+        (out / "log.jsonl").write_text("")
         save_label_space(run)
         if validation_items:  # WiSE-FT chooses alpha on these (eval/wise_ft.py), never on test
             write_items(out / "validation.csv", validation_items, class_names)
     if main:
         explain_batch(run)
     return run, state
+
+
+def loss_parameters(cfg: TrainConfig, model: DualEncoder) -> None:
+    """t and b as the loss needs them, and the loss recorded in the model's config.json (save_model), which
+    every reader of the run follows. CLIP towers under the sigmoid loss get a learnable b: at
+    --logit-bias-init, or SigLIP's -10 for "checkpoint" (a CLIP checkpoint holds no b). SigLIP towers under
+    InfoNCE keep their b untrained (no gradient, no optimizer state): the loss does not see it."""
+    if cfg.loss == "siglip" and model.logit_bias is None:
+        if cfg.logit_bias_init == "checkpoint" and dist.is_main_process():
+            print(f"[train] the sigmoid loss on CLIP towers: b starts at SigLIP's {SIGLIP_LOGIT_BIAS_INIT:g} "
+                  "(the checkpoint holds no b; --logit-bias-init sets another start)")
+        model.add_logit_bias(SIGLIP_LOGIT_BIAS_INIT)  # "auto" or a number overwrite it once the loader exists
+    if cfg.loss == "clip" and model.logit_bias is not None:
+        model.logit_bias.requires_grad_(False)
+    model.cfg = replace(model.cfg, loss=cfg.loss)
+
+
+def lock_tower(cfg: TrainConfig, model: DualEncoder) -> None:
+    """--lock: the tower keeps its pretrained weights (LiT, Zhai et al. 2022, locks the image tower). Without
+    requires_grad its parameters get no gradient and no optimizer state (optim.py::param_groups skips them);
+    loop.py::train_mode keeps the tower in eval mode."""
+    if cfg.lock:
+        locked_tower(model, cfg.lock).requires_grad_(False)
+
+
+def locked_tower(model: DualEncoder, lock: str) -> nn.Module:
+    return model.vision if lock == "image" else model.text
 
 
 def initial_logit_bias(setting: str, loader) -> float:
@@ -154,7 +186,8 @@ def explain_batch(run: Run) -> None:
     cfg = run.cfg
     n = len(run.dataset) * dist.world_size()
     eff = cfg.effective_batch * dist.world_size()
-    print(f"[train] {cfg.model}: {n} training images, {len(run.class_names)} classes, "
+    locked = f"; {cfg.lock} tower locked" if cfg.lock else ""
+    print(f"[train] {run.model.cfg.name}{locked}: {n} training images, {len(run.class_names)} classes, "
           f"micro-batch {cfg.micro_batch} x accum {cfg.accum_steps} x {dist.world_size()} rank(s) "
           f"= effective batch {eff}; XBM {cfg.xbm_size}; precision {run.precision}; "
           f"{run.total_steps} optimizer step(s) over {cfg.epochs} epoch(s)")
