@@ -232,7 +232,8 @@ def run(args) -> None:
         from .demo.synthetic import generate
         generate(args.out, args.train_per_class, args.test_per_class, args.shift_per_class, args.image_size,
                  args.seed, args.variation, args.overwrite)
-        print(f"wrote {args.out}/train, test, " + ("test_shift and " if args.shift_per_class else "") + "boxes.json")
+        shift = "test_shift and " if args.shift_per_class != 0 else ""
+        print(f"wrote {args.out}/train, test, {shift}boxes.json")
     elif args.command == "pretrain":
         from .demo.pretrain import pretrain
         from .demo.tiny import CHECKPOINTS

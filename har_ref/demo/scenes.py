@@ -223,7 +223,8 @@ def _headphones(rng, head=(0.0, 0.0)) -> list[Shape]:
     return _prop([band, _disc(head + np.array((-0.035, 0.0)), 0.045, color)])
 
 
-REAR, FRONT, SEAT, BARS, CRANK = (np.array(v) for v in ((-0.3, 0.3), (0.35, 0.3), (0.0, 0.05), (0.28, -0.12), (0.03, 0.3)))
+REAR, FRONT, SEAT, BARS, CRANK = (np.array(v) for v in
+                                  ((-0.3, 0.3), (0.35, 0.3), (0.0, 0.05), (0.28, -0.12), (0.03, 0.3)))
 
 
 def _bicycle(rng) -> list[Shape]:
