@@ -219,15 +219,19 @@ def pixel_mass(patch_map: torch.Tensor | np.ndarray, image_size: tuple[int, int]
     return spread(cy, patch_map, cx)
 
 
+def box_shares(maps: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int], cfg: ModelConfig) -> np.ndarray:
+    """The share of each map's mass inside its pixel box [x0, y0, x1, y1] of the original image (corners in
+    pixel coordinates: a box of whole pixels x0..x1-1 has x1 as its right edge), after pixel_mass's spreading.
+    maps [n, grid_h, grid_w] and boxes [n, 4] of n images of one size -> [n]."""
+    x0, y0, x1, y1 = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).T
+    xs, ys = patch_edges(image_size, cfg)
+    return np.einsum("ny,nyx,nx->n", coverage(ys, y0, y1), np.asarray(maps, np.float64), coverage(xs, x0, x1))
+
+
 def box_share(patch_map: torch.Tensor | np.ndarray, box: Sequence[float], image_size: tuple[int, int],
               cfg: ModelConfig) -> float:
-    """The share of a map's mass inside a pixel box [x0, y0, x1, y1] of the original image (corners in
-    pixel coordinates: a box of whole pixels x0..x1-1 has x1 as its right edge), after pixel_mass's spreading."""
-    x0, y0, x1, y1 = map(float, box)
-    xs, ys = patch_edges(image_size, cfg)
-    cx = coverage(xs, np.array([x0]), np.array([x1]))
-    cy = coverage(ys, np.array([y0]), np.array([y1]))
-    return float(spread(cy, patch_map, cx)[0, 0])
+    """box_shares of one [grid_h, grid_w] map and one box."""
+    return float(box_shares(np.asarray(patch_map)[None], np.asarray([box]), image_size, cfg)[0])
 
 
 def pointing_game(maps: torch.Tensor, boxes: Sequence[Sequence[float] | None], image_sizes: Sequence[tuple[int, int]],
@@ -240,9 +244,17 @@ def pointing_game(maps: torch.Tensor, boxes: Sequence[Sequence[float] | None], i
     SigLIP's squashing resize, the box's share of the image area).
     """
     maps = maps.detach().cpu().double().numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps, np.float64)
+    if not len(maps) == len(boxes) == len(image_sizes):
+        raise ValueError(f"pointing_game needs one box and one image size per map, got {len(maps)} maps, "
+                         f"{len(boxes)} boxes and {len(image_sizes)} sizes.")
     uniform = np.full(maps.shape[1:], 1 / maps[0].size)
     shares, baseline = np.full(len(maps), np.nan), np.full(len(maps), np.nan)
-    for i, (patch_map, box, size) in enumerate(zip(maps, boxes, image_sizes, strict=True)):
+    by_size: dict[tuple[int, int], list[int]] = {}  # images of one size share their patch edges: one product
+    for i, box in enumerate(boxes):
         if box is not None:
-            shares[i], baseline[i] = box_share(patch_map, box, size, cfg), box_share(uniform, box, size, cfg)
+            by_size.setdefault(tuple(image_sizes[i]), []).append(i)
+    for size, rows in by_size.items():
+        sized = np.array([boxes[i] for i in rows], dtype=np.float64)
+        shares[rows] = box_shares(maps[rows], sized, size, cfg)
+        baseline[rows] = box_shares(np.broadcast_to(uniform, (len(rows), *uniform.shape)), sized, size, cfg)
     return shares, baseline

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from .drawing import display_name
 from .heatmaps import plot_confusion
 from .metrics import compute_metrics, mcnemar_exact, paired_bootstrap, reliability_diagram_data, softmax
 from .multi_seed import verdict
+from .report_maps import ExplainInputs, explain_section
 from .run_results import RunResults, align, load_run
 from .xy_charts import plot_epoch_times, plot_loss_curves, plot_reliability, plot_wise_ft
 
@@ -255,7 +257,7 @@ def memory_note(a: RunResults, b: RunResults) -> str:
 
 
 def write_markdown(path: Path, a: RunResults, b: RunResults, names: tuple[str, str], numbers: dict,
-                   files: dict[str, list], per_category: int) -> None:
+                   files: dict[str, list], per_category: int, looks: Sequence[str] = ()) -> None:
     classes = a.class_names
     ma, mb = numbers["metrics"]["a"], numbers["metrics"]["b"]
     summaries = {n: training_summary(r.log) for n, r in zip(names, (a, b)) if r.log}
@@ -347,6 +349,7 @@ def write_markdown(path: Path, a: RunResults, b: RunResults, names: tuple[str, s
     out += _picture("compare_grid.png", "Both right / both wrong / only one model right")
     for file, category in files["examples"]:
         out += _picture(file, f"One test image: {category}")
+    out += list(looks)
 
     out += ["## Verdict", "",
             "B − A per metric, its 95% paired-bootstrap CI, and the exact McNemar p; significant when the CI "
@@ -356,16 +359,19 @@ def write_markdown(path: Path, a: RunResults, b: RunResults, names: tuple[str, s
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path, out_dir: str | Path, n_resamples: int = 10_000,
-                 seed: int = 0, examples_per_category: int = 4) -> Path:
-    """Write OUT_DIR/report.md, comparison.json and the PNGs it links; returns the report's path."""
+                 seed: int = 0, examples_per_category: int = 4, explain: ExplainInputs | None = None) -> Path:
+    """Write OUT_DIR/report.md, comparison.json and the PNGs it links; returns the report's path.
+    `explain`: the data directory and zero-shot checkpoints for the section "What each model looks at"
+    (report_maps.py; it also writes pointing_game.json); without it the report has no such section."""
     a, b = load_run(run_a), load_run(run_b)
     names = _model_names(a, b)
     numbers = comparison_numbers(a, b, n_resamples, seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = draw_pictures(a, b, names, numbers, out_dir, examples_per_category, seed)
+    looks = explain_section(a, b, names, numbers, explain, out_dir, seed) if explain else []
     report = out_dir / "report.md"
-    write_markdown(report, a, b, names, numbers, files, examples_per_category)
+    write_markdown(report, a, b, names, numbers, files, examples_per_category, looks=looks)
     saved = {k: v for k, v in numbers.items() if k not in ("correct", "pred_b_aligned")}
     saved.update(models={"a": names[0], "b": names[1]}, runs={"a": str(a.directory), "b": str(b.directory)},
                  verdict=verdict_lines(names, numbers))
