@@ -55,7 +55,7 @@ __all__ = ["CLASS_NAMES", "Style", "render", "draw_scene", "generate"]
 
 # The demo's world: `generate`'s and so `python -m har_ref synth`'s defaults (demo.py::demo_dataset draws it);
 # test_shift/ holds as many images per class as test/.
-TRAIN_PER_CLASS, TEST_PER_CLASS, VARIATION = 120, 100, 0.7
+TRAIN_PER_CLASS, TEST_PER_CLASS, VARIATION = 100, 100, 0.7
 SPLITS = ("train", "test", "test_shift")
 SUPERSAMPLE = 2  # draw at 2x and box-downsample: anti-aliased edges at no extra dependency
 
