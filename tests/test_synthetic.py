@@ -36,7 +36,7 @@ def world(tmp_path_factory):
 def test_layout_sizes_and_speed(world, measured):
     out, seconds = world
     measured(f"[synthetic] 1,050 images (64 px, variation 1): {seconds / 1.05:.1f} ms of CPU time per image")
-    assert seconds / 1050 < 0.015  # 3.5 ms measured on a quiet core, 9 ms with 7 jobs on 2 cores (AMD EPYC)
+    assert seconds / 1050 < 0.015  # 4.7 ms measured (AMD EPYC, its 2 cores shared with 5 to 8 other jobs)
     for split, count in zip(SPLITS, (40, 20, 10)):
         assert sorted(p.name for p in (out / split).iterdir()) == sorted(CLASS_NAMES)
         for name in CLASS_NAMES:
