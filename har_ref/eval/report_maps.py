@@ -120,7 +120,7 @@ def scan(models: list[Weights], paths: list[str], labels: np.ndarray, batch_size
     for start in range(0, len(paths), batch_size):
         images = [load_image(p) for p in paths[start:start + batch_size]]
         sizes += [image.size for image in images]
-        resized = {}  # the eval transform split at uint8 (transforms.py): resized once per input size and mode
+        resized = {}  # the eval transform split at uint8 (model/transforms.py): resized once per input size and mode
         for m, weights in enumerate(models):
             cfg = weights.model.cfg
             key = (cfg.vision.image_size, cfg.resize)
