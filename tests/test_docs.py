@@ -39,7 +39,7 @@ NOT_IN_THE_TREE = frozenset({
     "best_prompts.json", "report.md", "prompt_ablation.md", "pointing_game.json", "bench.json", "boxes.json",
     # ... and the tokenizer / processor files of a transformers checkpoint directory.
     "vocab.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "preprocessor_config.json",
+    "preprocessor_config.json", "processor_config.json",
     # Other projects' files, always written with the project's name first.
     "open_clip/", "big_vision/",
     # Other programs' flags: torchrun's, and open_clip's training script's.

@@ -279,3 +279,26 @@ def test_a_har_ref_training_run_exports(family, tmp_path, measured):
     size = ours.cfg.vision.image_size
     x = torch.randn(ids.shape[0], 3, size, size)
     check_parity(reloaded, ours, x, ids, None, f"trained {family} run", measured)
+
+
+@pytest.mark.parametrize("family, settings", [
+    ("clip", dict(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}, resample=2)),
+    ("siglip", dict(size={"shortest_edge": 40}, do_center_crop=True, crop_size={"height": 32, "width": 32})),
+], ids=["clip-shorter-side-40-crop-32-bilinear", "siglip-shorter-side-40-crop-32"])
+def test_the_sources_resize_and_crop_survive_the_round_trip(tokenizers, tmp_path, family, settings, measured):
+    """A checkpoint whose processor resizes to 40 and then crops the model's 32 x 32, saved with its model by
+    CLIPProcessor / SiglipProcessor: its processor, har_ref and the exported processor give the same pixels."""
+    from transformers import CLIPImageProcessor, CLIPProcessor, SiglipImageProcessor, SiglipProcessor
+
+    tokenizer, tok = tokenizers[family]
+    clip = family == "clip"
+    up = tiny_upstream(family, tok, None if clip else "gelu_pytorch_tanh", tok["eos_token_id"] if clip else None)
+    images = (CLIPImageProcessor if clip else SiglipImageProcessor)(**settings)
+    processor = (CLIPProcessor if clip else SiglipProcessor)(image_processor=images, tokenizer=tokenizer)
+    src, ours, back = round_trip(up, processor, tmp_path)
+    exported = json.loads((back / "preprocessor_config.json").read_text())
+    assert {name: exported[name] for name in settings} == settings
+    check_processor(back, ours, CLIPModel if clip else SiglipModel, f"{family} resize 40 crop 32", measured)
+    source, cfg = AutoProcessor.from_pretrained(src, backend="pil"), har_ref.load_model(ours).cfg
+    for image in (photo_like(45, 37), photo_like(20, 70, seed=1)):  # landscape and portrait
+        assert torch.equal(source(images=image, return_tensors="pt").pixel_values[0], build_transform(cfg)(image))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -156,10 +157,6 @@ def test_full_hf_checkpoint_round_trip(hub_clip, measured):
     assert worst <= 1e-5  # measured 3.3e-6 (exp t ~ 7 times the embeddings' error)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="weights_conversion/hf.py::convert_config reads image_mean / image_std from "
-                          "preprocessor_config.json but not size / crop_size: har_ref resizes the shorter side to "
-                          "the crop size (32) where transformers resizes it to `size` (40), then crops")
 def test_preprocessor_resize_and_crop_are_the_checkpoints(hub_clip):
     """An image of odd size through the saved preprocessor (PIL backend: pixel for pixel) and through
     har_ref's transform of the converted checkpoint: the same pixels, so the same logits."""
@@ -177,10 +174,6 @@ def test_preprocessor_resize_and_crop_are_the_checkpoints(hub_clip):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="weights_conversion/hf.py::convert_hf reads preprocessor_config.json only; transformers "
-                          "5's CLIPProcessor.save_pretrained writes processor_config.json (the image processor's "
-                          "settings under 'image_processor'), so the checkpoint's mean and std are replaced by OpenAI's")
 def test_a_processor_saved_by_transformers_keeps_its_normalization(hub_clip, tmp_path):
     """The same checkpoint with its tokenizer and image processor saved together, as CLIPProcessor does."""
     import shutil
@@ -196,6 +189,144 @@ def test_a_processor_saved_by_transformers_keeps_its_normalization(hub_clip, tmp
     CLIPProcessor(image_processor=hub_clip.images, tokenizer=hub_clip.tokenizer).save_pretrained(src)
     cfg = load_model(convert_hf(src, tmp_path / "out")).cfg
     assert (cfg.image_mean, cfg.image_std) == (MEAN, STD)
+
+
+def test_processor_config_wins_over_preprocessor_config_as_in_transformers(hub_clip, tmp_path):
+    """A directory with both files (an image processor of other settings saved over a processor's): har_ref
+    takes the settings transformers loads, processor_config.json's, and gives transformers' pixels."""
+    import shutil
+
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    from har_ref import load_model
+    from har_ref.model.transforms import build_transform
+
+    src = tmp_path / "hf"
+    src.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(hub_clip.hf / name, src / name)
+    CLIPProcessor(image_processor=hub_clip.images, tokenizer=hub_clip.tokenizer).save_pretrained(src)
+    CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": CROP, "width": CROP}).save_pretrained(src)
+    assert {"processor_config.json", "preprocessor_config.json"} <= {p.name for p in src.iterdir()}
+    cfg = load_model(convert_hf(src, tmp_path / "out")).cfg
+    assert (cfg.image_mean, cfg.image_std, cfg.resize_size) == (MEAN, STD, RESIZE)
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (37, 45, 3), dtype=np.uint8))
+    expected = transformers.AutoImageProcessor.from_pretrained(src, backend="pil")(
+        images=image, return_tensors="pt").pixel_values[0]
+    assert torch.equal(build_transform(cfg)(image), expected)
+
+
+def odd_images() -> list:
+    """Photo-like noise at odd sizes: wider, taller, and smaller than the 32 x 32 crop (so it pads)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            for w, h in [(45, 37), (37, 45), (20, 70), (7, 5), (33, 31), (120, 41)]]
+
+
+# Image processors as users make them (the class's own arguments), each saved by save_pretrained, for a
+# model that takes 32 x 32 images: every size and crop form and filter the two classes save.
+PROCESSOR_FORMS = {
+    "clip-shortest-40-crop-32-bilinear": ("clip", dict(size={"shortest_edge": 40}, crop_size=32, resample=2)),
+    "clip-shortest-24-crop-32-pads": ("clip", dict(size=24, crop_size={"height": 32, "width": 32})),
+    "clip-square-40-crop-32-lanczos": ("clip", dict(size={"height": 40, "width": 40}, crop_size=32, resample=1)),
+    "clip-no-resize-crop-32-nearest": ("clip", dict(do_resize=False, crop_size=32, resample=0)),
+    "clip-square-32-no-crop": ("clip", dict(size={"height": 32, "width": 32}, do_center_crop=False)),
+    "siglip-square-32-box": ("siglip", dict(size={"height": 32, "width": 32}, resample=4)),
+    "siglip-shortest-40-crop-32": ("siglip", dict(size={"shortest_edge": 40}, do_center_crop=True, crop_size=32)),
+}
+
+
+@pytest.mark.parametrize("form", PROCESSOR_FORMS)
+def test_every_resize_and_crop_form_gives_transformers_pixels(form, tmp_path):
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+
+    from har_ref.model.transforms import build_transform
+    from weights_conversion.hf import read_image_processor
+
+    family, settings = PROCESSOR_FORMS[form]
+    (CLIPImageProcessor if family == "clip" else SiglipImageProcessor)(**settings).save_pretrained(tmp_path)
+    cfg = convert_config({"model_type": family, "vision_config": {"image_size": 32}}, *read_image_processor(tmp_path))
+    upstream = transformers.AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
+    for image in odd_images():
+        expected = upstream(images=image, return_tensors="pt").pixel_values[0]
+        assert torch.equal(build_transform(cfg)(image), expected), (form, image.size)
+
+
+@pytest.mark.parametrize("family, settings, message", [
+    ("clip", dict(size={"shortest_edge": 40}, crop_size=24), "makes 24 x 24 images but the vision tower takes 32 x 32"),
+    ("clip", dict(size={"shortest_edge": 32}, do_center_crop=False), "makes images of the input's shape"),
+    ("siglip", dict(size={"height": 30, "width": 40}), r"size \{'height': 30, 'width': 40\} is not square"),
+    ("siglip", dict(size={"longest_edge": 32}), "is not a size har_ref follows"),
+    ("clip", dict(size=32, crop_size=32, do_normalize=False), "the only scaling har_ref has"),
+], ids=["crop-not-the-model-size", "no-crop-no-square", "not-square", "longest-edge", "no-normalize"])
+def test_an_image_processor_har_ref_cannot_follow_is_one_sentence(tmp_path, family, settings, message):
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": family, "vision_config": {"image_size": 32}}))
+    (CLIPImageProcessor if family == "clip" else SiglipImageProcessor)(**settings).save_pretrained(src)
+    done = subprocess.run([sys.executable, "-m", "weights_conversion", "hf", "--src", str(src),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.startswith("error: preprocessor_config.json: ") and re.search(message, done.stderr)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def siglip_with_processor(tmp_path_factory):
+    """A tiny SiglipModel (randomized; 224 x 224 images in 7 x 7 patches) with a SiglipProcessor of the
+    classes' own defaults, both saved by save_pretrained (transformers 5: processor_config.json); converted."""
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor, SiglipTokenizer
+
+    from har_ref.demo.tokenizer_training import train_sentencepiece
+    from test_model_parity import randomize
+
+    root = tmp_path_factory.mktemp("siglip_with_processor")
+    train_sentencepiece(["a photo of a person running.", "two people hugging", "arm wrestling", "café dancing"],
+                        root / "vocab", vocab_size=60)
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2)
+    up = randomize(SiglipModel(SiglipConfig(text_config=dict(small, vocab_size=60, max_position_embeddings=16),
+                                            vision_config=dict(small, image_size=224, patch_size=32)))).eval()
+    up.save_pretrained(root / "hf")
+    tokenizer = SiglipTokenizer(vocab_file=str(root / "vocab" / "spiece.model"), model_max_length=16)
+    SiglipProcessor(image_processor=SiglipImageProcessor(), tokenizer=tokenizer).save_pretrained(root / "hf")
+    return SimpleNamespace(up=up, hf=root / "hf", out=convert_hf(root / "hf", root / "out"))
+
+
+def test_siglip_saved_with_its_processor_gives_transformers_pixels_and_logits(siglip_with_processor, measured):
+    """An odd-size photo through the saved SiglipProcessor (PIL backend) and through har_ref: the same pixels
+    and token ids, the same logits."""
+    from PIL import Image
+
+    from har_ref import load_model, load_tokenizer
+    from har_ref.model.transforms import build_transform
+
+    s = siglip_with_processor
+    assert (s.hf / "processor_config.json").is_file() and not (s.hf / "preprocessor_config.json").exists()
+    model = load_model(s.out)
+    cfg = model.cfg
+    assert (cfg.resize, cfg.resize_size, cfg.center_crop, cfg.resample) == ("square", 224, False, 3)
+    assert (cfg.image_mean, cfg.image_std) == ((0.5,) * 3, (0.5,) * 3)
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8))
+              for i, (w, h) in enumerate([(301, 173), (97, 250)])]
+    texts = ["a photo of a person running.", "two people hugging"]
+    processor = transformers.AutoProcessor.from_pretrained(s.hf, backend="pil")
+    inputs = processor(text=texts, images=images, padding="max_length", truncation=True, return_tensors="pt")
+    pixels = torch.stack([build_transform(cfg)(image) for image in images])
+    ids, _ = load_tokenizer(s.out)(texts)
+    assert torch.equal(pixels, inputs.pixel_values) and torch.equal(ids, inputs.input_ids)
+    with torch.no_grad():
+        expected = s.up(pixel_values=inputs.pixel_values, input_ids=inputs.input_ids).logits_per_image
+        got = model(pixels, ids)
+    worst = (got - expected).abs().max().item()
+    measured(f"[hf processor] SigLIP saved with SiglipProcessor: logits max |har_ref - transformers| {worst:.2e} "
+             f"(logits span {(expected.max() - expected.min()).item():.1f})")
+    assert worst <= 5e-6  # measured 9.5e-7
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from har_ref.model.config import clip_vit_b32, siglip_base_patch16_224
+from har_ref.model.config import OPENAI_MEAN, OPENAI_STD, ModelConfig, clip_vit_b32, siglip_base_patch16_224
 from har_ref.model.transforms import build_transform, load_image, normalize_uint8, to_uint8_resized
 
 transformers = pytest.importorskip("transformers")
@@ -137,6 +137,19 @@ def test_augmentation_flips_and_crops():
     assert 10 <= sum(red_on_left) <= 30
 
 
+def test_augmentation_resamples_with_the_checkpoints_filter():
+    """The random crop uses cfg.resample: nearest neighbour (PIL filter 0) only copies pixels, so a black and
+    white image stays black and white; bicubic (3) makes grey levels between them."""
+    from dataclasses import replace
+
+    image = Image.fromarray(np.random.default_rng(3).choice([0, 255], (90, 120, 3)).astype(np.uint8))
+    for resample, only_black_and_white in [(0, True), (3, False)]:
+        torch.manual_seed(0)
+        x = build_transform(replace(CONFIGS["siglip"], resample=resample), train=True, augment=True)(image)
+        levels = set(torch.round((x * 0.5 + 0.5) * 255).unique().tolist())  # SigLIP: mean = std = 0.5
+        assert (levels <= {0.0, 255.0}) == only_black_and_white, resample
+
+
 def test_load_image_applies_exif_orientation(tmp_path):
     image = Image.new("RGB", (40, 20), (0, 0, 255))
     image.paste(Image.new("RGB", (20, 20), (255, 0, 0)), (0, 0))  # left red, right blue
@@ -184,3 +197,52 @@ def test_load_image_errors(tmp_path):
     (tmp_path / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     with pytest.raises(ValueError, match="cannot be read"):
         load_image(tmp_path / "truncated.jpg")
+
+
+# preprocessor_config.json as the hub serves them (openai/clip-vit-base-patch32 was written by transformers'
+# CLIPFeatureExtractor, with int sizes; google/siglip-base-patch16-224 by SiglipImageProcessor).
+PUBLISHED = {
+    "clip": {"crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+             "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+             "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224},
+    "siglip": {"do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
+               "image_processor_type": "SiglipImageProcessor", "image_std": [0.5, 0.5, 0.5],
+               "processor_class": "SiglipProcessor", "resample": 3, "rescale_factor": 0.00392156862745098,
+               "size": {"height": 224, "width": 224}},
+}
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_published_preprocessor_configs_convert_to_the_processors_pixels(images, eval_batches, family, tmp_path):
+    """What conversion reads from the published files, and that it is the pixels transformers makes from them."""
+    import json
+
+    from weights_conversion.hf import convert_config, read_image_processor
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(PUBLISHED[family]))
+    cfg = convert_config({"model_type": family}, *read_image_processor(tmp_path))
+    settings = (cfg.resize, cfg.resize_size, cfg.center_crop, cfg.resample, cfg.image_mean, cfg.image_std)
+    if family == "clip":
+        assert settings == ("shortest_edge", 224, True, 3, OPENAI_MEAN, OPENAI_STD)
+    else:
+        assert settings == ("square", 224, False, 3, (0.5,) * 3, (0.5,) * 3)
+    upstream = transformers.AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
+    mine = torch.stack([build_transform(cfg)(image) for image in images[:10]])
+    assert torch.equal(mine, upstream(images=images[:10], return_tensors="pt").pixel_values)
+    assert torch.equal(mine, eval_batches[family][:10])  # and har_ref's built-in configs agree with them
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_config_written_before_the_resize_fields_keeps_its_transform(images, eval_batches, family, tmp_path):
+    """A config.json without resize_size, center_crop and resample (written before they existed) loads
+    with the transform it always had: the shorter side (CLIP) or both sides (SigLIP) to the model's size,
+    a crop for CLIP only, bicubic."""
+    import json
+
+    spec = CONFIGS[family].to_dict()
+    for name in ("resize_size", "center_crop", "resample"):
+        spec.pop(name)
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    cfg = ModelConfig.load(tmp_path)
+    assert (cfg.resize_size, cfg.resized_to, cfg.center_crop, cfg.resample) == (None, 224, family == "clip", 3)
+    assert torch.equal(torch.stack([build_transform(cfg)(image) for image in images[:10]]), eval_batches[family][:10])

@@ -8,8 +8,9 @@ would write, so that `from_pretrained` loads it with no missing or unused weight
     config.json               CLIPConfig / SiglipConfig built from har_ref's ModelConfig
     model.safetensors         transformers' key names, from hf.key_table (the one table both
                               directions share; fused q | k | v split back into three)
-    preprocessor_config.json  har_ref's eval transform as CLIPImageProcessor / SiglipImageProcessor
-                              settings (hub layout, read by transformers 4 and 5)
+    preprocessor_config.json  har_ref's eval transform (the resize, crop, filter, mean and std conversion
+                              read from the source checkpoint's image processor) as CLIPImageProcessor /
+                              SiglipImageProcessor settings (hub layout, read by transformers 4 and 5)
     tokenizer files           copied, plus a tokenizer_config.json that pads like har_ref does
 
 Two things are not plain renames:
@@ -82,9 +83,6 @@ def check_expressible(cfg: ModelConfig) -> None:
     if not clip and text != (False, "last"):
         raise ConversionError(f"config.json: text causal={text[0]}, pool={text[1]!r}; transformers' SiglipModel "
                               "has a bidirectional text tower pooled at the last position (causal=false, pool 'last').")
-    if not clip and cfg.resize != "square":
-        raise ConversionError("config.json: SigLIP with resize 'shortest_edge' cannot be expressed by "
-                              "SiglipImageProcessor, which has no centre crop.")
 
 
 def hf_activation(act: str) -> str:
@@ -134,21 +132,28 @@ def export_state_dict(ours: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
 
 
 def preprocessor_config(cfg: ModelConfig) -> dict:
-    """har_ref's eval transform (har_ref/model/transforms.py) in the image processor's terms: bicubic (PIL
-    resample 3) resize, for CLIP of the shortest side and a centre crop, then x / 255, mean, std."""
-    size = cfg.vision.image_size
+    """har_ref's eval transform (har_ref/model/transforms.py::build_transform) in the image processor's
+    terms: the resize (PIL filter cfg.resample), the centre crop, then x / 255, mean, std; what
+    weights_conversion/hf.py::image_settings reads back into the same fields.
+
+    SigLIP's crop (a SiglipImageProcessor saved with do_center_crop) is written as the source had it:
+    transformers 5's SiglipImageProcessor applies it, 4's ignores it, for the source as for the export.
+    """
+    size, n = cfg.vision.image_size, cfg.resized_to
     clip = cfg.family == "clip"
     settings = dict(
         image_processor_type="CLIPImageProcessor" if clip else "SiglipImageProcessor",
         processor_class="CLIPProcessor" if clip else "SiglipProcessor",
-        do_convert_rgb=True, do_resize=True, resample=3, do_rescale=True, rescale_factor=1 / 255,
-        do_normalize=True, image_mean=list(cfg.image_mean), image_std=list(cfg.image_std))
+        do_convert_rgb=True, do_resize=cfg.resize != "none", resample=cfg.resample, do_rescale=True,
+        rescale_factor=1 / 255, do_normalize=True, image_mean=list(cfg.image_mean), image_std=list(cfg.image_std))
     if cfg.resize == "shortest_edge":
-        settings.update(size={"shortest_edge": size}, do_center_crop=True, crop_size={"height": size, "width": size})
-    else:
-        settings.update(size={"height": size, "width": size})
-        if clip:
-            settings.update(do_center_crop=False)
+        settings.update(size={"shortest_edge": n})
+    elif cfg.resize == "square":
+        settings.update(size={"height": n, "width": n})
+    if cfg.center_crop:
+        settings.update(do_center_crop=True, crop_size={"height": size, "width": size})
+    elif clip:  # CLIPImageProcessor crops unless told not to
+        settings.update(do_center_crop=False)
     return settings
 
 

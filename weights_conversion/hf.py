@@ -1,8 +1,9 @@
 """transformers CLIPModel / SiglipModel checkpoint directory -> har_ref checkpoint directory.
 
 Input: what `save_pretrained` writes or the hub serves (config.json, model.safetensors or
-pytorch_model.bin, tokenizer and preprocessor files). Output: har_ref's config.json,
-model.safetensors in har_ref key names (float32), and the tokenizer files copied over.
+pytorch_model.bin, tokenizer and image processor files). Output: har_ref's config.json (with the image
+processor's resize, crop, mean and std), model.safetensors in har_ref key names (float32), and the
+tokenizer and image processor files copied over.
 `key_table` is the one key mapping; export_hf.py reads it backwards for the other direction.
 """
 from __future__ import annotations
@@ -12,14 +13,17 @@ from pathlib import Path
 
 import torch
 
-from har_ref.model.config import OPENAI_MEAN, OPENAI_STD, ModelConfig, TextConfig, VisionConfig
+from har_ref.model.config import OPENAI_MEAN, OPENAI_STD, PIL_FILTERS, ModelConfig, TextConfig, VisionConfig
 from har_ref.model.tokenizer import TOKENIZER_FILES
 
 from .common import ConversionError, KeyMapper, read_state_dict, write_checkpoint
 
-# Copied from the transformers directory as they are: the tokenizer's files and the image processor's
-# (kept as a record; config.json holds the mean and std har_ref reads).
-COPIED_FILES = TOKENIZER_FILES + ("preprocessor_config.json",)
+# The image processor's settings: preprocessor_config.json (the hub's; what an image processor's own
+# save_pretrained writes, and transformers 4's CLIPProcessor / SiglipProcessor), or "image_processor" in
+# processor_config.json (transformers 5's CLIPProcessor / SiglipProcessor.save_pretrained). Copied as they
+# are, as a record: config.json holds what har_ref reads.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+COPIED_FILES = TOKENIZER_FILES + PROCESSOR_FILES
 HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 # transformers' defaults, used when an older config.json leaves a field out.
 CLIP_DEFAULTS = dict(
@@ -42,7 +46,91 @@ def _activation(name: str) -> str:
     return HF_ACTIVATIONS[name]
 
 
-def convert_config(hf: dict, preprocessor: dict | None) -> ModelConfig:
+def read_image_processor(src: Path) -> tuple[dict | None, str]:
+    """(the image processor settings transformers loads from `src`, or None; the file they are in).
+
+    Both files may be there (a processor saved over an older directory): processor_config.json's nested
+    settings win, because transformers 5 reads them first (ImageProcessingMixin.get_image_processor_dict),
+    and har_ref must give the pixels transformers gives for the same directory.
+    """
+    def read(path: Path) -> dict:
+        try:
+            settings = json.loads(path.read_text())
+        except ValueError as e:
+            raise ConversionError(f"{path} is not valid JSON ({e}); re-save the processor or remove the file.") from e
+        if not isinstance(settings, dict):
+            raise ConversionError(f"{path} holds no JSON object; re-save the processor or remove the file.")
+        return settings
+
+    nested, flat = src / "processor_config.json", src / "preprocessor_config.json"
+    if nested.is_file() and isinstance(read(nested).get("image_processor"), dict):
+        return read(nested)["image_processor"], f"{nested.name} image_processor"
+    return (read(flat), flat.name) if flat.is_file() else (None, flat.name)
+
+
+def _size_dict(value, name: str, where: str, square_int: bool) -> dict:
+    """transformers' get_size_dict: an int is {"shortest_edge": n} for `size` (CLIPImageProcessor and
+    SiglipImageProcessor set default_to_square=False) and n x n for `crop_size`; a pair is (height, width)."""
+    if isinstance(value, int):
+        return {"height": value, "width": value} if square_int else {"shortest_edge": value}
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return {"height": value[0], "width": value[1]}
+    if isinstance(value, dict):
+        value = {k: v for k, v in value.items() if v is not None}
+        if set(value) in ({"shortest_edge"}, {"height", "width"}):
+            return value
+    raise ConversionError(f"{where}: {name} {value!r} is not a size har_ref follows ({{'shortest_edge': n}}, "
+                          "{'height': h, 'width': w}, or an int); re-save the image processor with one of them.")
+
+
+def image_settings(pre: dict | None, family: str, image_size: int, where: str) -> dict:
+    """ModelConfig's preprocessing fields from the checkpoint's image processor settings, as transformers'
+    CLIPImageProcessor / SiglipImageProcessor apply them: a field left out (or null) takes that class's
+    default. No settings at all (no file): the family's processor at the model's own image size."""
+    clip = family == "clip"
+    if pre is None:
+        pre = dict(size={"shortest_edge": image_size} if clip else {"height": image_size, "width": image_size},
+                   crop_size={"height": image_size, "width": image_size})
+    pre = {k: v for k, v in pre.items() if v is not None}
+    if (pre.get("do_rescale", True), pre.get("do_normalize", True)) != (True, True) or \
+            abs(pre.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-12:
+        raise ConversionError(f"{where}: do_rescale, rescale_factor or do_normalize is not x / 255 then "
+                              "(x - mean) / std, the only scaling har_ref has; set them so if the model was trained so.")
+    # The classes' defaults: CLIP resizes the shorter side to 224 and crops 224 x 224; SigLIP resizes to
+    # 224 x 224 and does not crop. Both resample bicubic (PIL filter 3).
+    resize, resize_size = "none", None
+    if pre.get("do_resize", True):
+        size = _size_dict(pre.get("size", {"shortest_edge": 224} if clip else {"height": 224, "width": 224}),
+                          "size", where, square_int=False)
+        if "shortest_edge" in size:
+            resize, resize_size = "shortest_edge", size["shortest_edge"]
+        elif size["height"] == size["width"]:
+            resize, resize_size = "square", size["height"]
+        else:
+            raise ConversionError(f"{where}: size {size} is not square; har_ref resizes to n x n or the shorter "
+                                  "side to n.")
+    crop = bool(pre.get("do_center_crop", clip))
+    if crop:
+        crop_size = _size_dict(pre.get("crop_size", 224), "crop_size", where, square_int=True)
+        made = f"{crop_size.get('height')} x {crop_size.get('width')} images"
+        fits = crop_size == {"height": image_size, "width": image_size}
+    else:
+        made = f"{resize_size} x {resize_size} images" if resize == "square" else "images of the input's shape"
+        fits = resize == "square" and resize_size == image_size
+    if not fits:
+        raise ConversionError(f"{where}: the image processor makes {made} but the vision tower takes "
+                              f"{image_size} x {image_size}; re-save the image processor for the model's size.")
+    resample = pre.get("resample", 3)
+    if resample not in PIL_FILTERS:
+        raise ConversionError(f"{where}: resample {resample!r} is not a PIL filter number {PIL_FILTERS}.")
+    mean = pre.get("image_mean", OPENAI_MEAN if clip else (0.5, 0.5, 0.5))
+    std = pre.get("image_std", OPENAI_STD if clip else (0.5, 0.5, 0.5))
+    return dict(image_mean=tuple(mean) if isinstance(mean, (list, tuple)) else (mean,) * 3,  # a float: all three
+                image_std=tuple(std) if isinstance(std, (list, tuple)) else (std,) * 3,
+                resize=resize, resize_size=resize_size, center_crop=crop, resample=resample)
+
+
+def convert_config(hf: dict, preprocessor: dict | None, where: str = "preprocessor_config.json") -> ModelConfig:
     family = hf.get("model_type")
     if family not in ("clip", "siglip"):
         raise ConversionError(f"config.json: model_type {family!r} is neither 'clip' nor 'siglip'; "
@@ -67,14 +155,10 @@ def convert_config(hf: dict, preprocessor: dict | None) -> ModelConfig:
         layers=v["num_hidden_layers"], heads=v["num_attention_heads"], mlp_dim=v["intermediate_size"],
         act=_activation(v["hidden_act"]), ln_eps=v["layer_norm_eps"], pool="cls" if clip else "map",
         patch_bias=not clip)
-    pre = preprocessor or {}
     # t and b are not taken from config.json (it holds transformers' init values): save_model writes
     # the ones the converted tensors hold.
-    return ModelConfig(
-        family=family, embed_dim=embed_dim, vision=vision, text=text,
-        image_mean=tuple(pre.get("image_mean", OPENAI_MEAN if clip else (0.5, 0.5, 0.5))),
-        image_std=tuple(pre.get("image_std", OPENAI_STD if clip else (0.5, 0.5, 0.5))),
-        resize="shortest_edge" if clip else "square")
+    return ModelConfig(family=family, embed_dim=embed_dim, vision=vision, text=text,
+                       **image_settings(preprocessor, family, vision.image_size, where))
 
 
 def _encoder_keys(src: str, dst: str, layers: int) -> list[tuple[str, tuple[str, ...]]]:
@@ -228,9 +312,7 @@ def convert_hf(src: str | Path, out: str | Path) -> Path:
     if not (src / "config.json").is_file():
         raise ConversionError(f"{src}/config.json not found; --src must be a transformers checkpoint directory.")
     hf_config = json.loads((src / "config.json").read_text())
-    pre_path = src / "preprocessor_config.json"
-    preprocessor = json.loads(pre_path.read_text()) if pre_path.is_file() else None
-    cfg = convert_config(hf_config, preprocessor)
+    cfg = convert_config(hf_config, *read_image_processor(src))
     set_token_ids(src, cfg, hf_config.get("text_config", {}))
     tensors = convert_state_dict(read_state_dict(find_weights(src)), cfg)
     extra = [src / f for f in COPIED_FILES if (src / f).is_file()]

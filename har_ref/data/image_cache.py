@@ -7,12 +7,12 @@ memory-mapped file, and every later read is a copy of 3*S*S bytes. Normalisation
 training the random crop and flip, are applied on top at read time. Two concerns, two classes:
 `ImageCache` builds and updates the files, `CachedImageDataset` reads them as a dataset.
 
-Files, in the cache directory given by the user (one pair per transform, so CLIP and SigLIP,
-or two image sizes, never share pixels):
+Files, in the cache directory given by the user (one pair per transform, named by
+model/transforms.py::transform_name, so two resizes, crops or image sizes never share pixels):
 
-    {resize}_{S}.u8    uint8 [slots, 3, S, S], append-only
-    {resize}_{S}.json  {"format", "resize", "image_size", "slots",
-                        "entries": {absolute path: {"size", "mtime_ns", "slot" | "error"}}}
+    {name}.u8    uint8 [slots, 3, S, S], append-only
+    {name}.json  {"format", "transform", "image_size", "slots",
+                  "entries": {absolute path: {"size", "mtime_ns", "slot" | "error"}}}
 
 An entry is reused only when the file's path, size in bytes and modification time (ns) all
 match; anything else is decoded again into a new slot (old slots are never rewritten, and the
@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from ..model.config import ModelConfig
-from ..model.transforms import load_image, normalize_uint8, to_uint8_resized
+from ..model.transforms import load_image, normalize_uint8, to_uint8_resized, transform_name
 from .folders import check_every_class_readable, item_seed, seeded_global_rng
 
 FORMAT = 1
@@ -63,8 +63,8 @@ class ImageCache:
         except OSError as e:
             raise ValueError(f"Cannot create the image cache directory {cache_dir} ({e}); "
                              "pass a writable directory as the cache directory.") from e
-        name = f"{cfg.resize}_{self.size}"
-        self.pixels_path, self.index_path = cache_dir / f"{name}.u8", cache_dir / f"{name}.json"
+        self.name = transform_name(cfg)
+        self.pixels_path, self.index_path = cache_dir / f"{self.name}.u8", cache_dir / f"{self.name}.json"
 
     @property
     def slot_bytes(self) -> int:
@@ -72,13 +72,13 @@ class ImageCache:
 
     def load_index(self) -> dict:
         """The stored index if it belongs to this transform and matches the pixel file, else an empty one."""
-        empty = {"format": FORMAT, "resize": self.cfg.resize, "image_size": self.size, "slots": 0, "entries": {}}
+        empty = {"format": FORMAT, "transform": self.name, "image_size": self.size, "slots": 0, "entries": {}}
         try:
             index = json.loads(self.index_path.read_text())
         except (OSError, ValueError):
             return empty
-        same_transform = (index.get("format"), index.get("resize"), index.get("image_size")) == \
-            (FORMAT, self.cfg.resize, self.size)
+        same_transform = (index.get("format"), index.get("transform"), index.get("image_size")) == \
+            (FORMAT, self.name, self.size)
         on_disk = self.pixels_path.stat().st_size if self.pixels_path.exists() else -1
         if not same_transform or on_disk < index.get("slots", 0) * self.slot_bytes:
             return empty  # another transform or a truncated pixel file: start over

@@ -19,6 +19,9 @@ MODEL_NAMES = {"clip": "CLIP", "siglip": "SigLIP"}
 # The two losses (ModelConfig.loss), by the family that introduced them, and what reports call them.
 LOSS_NAMES = {"clip": "InfoNCE", "siglip": "sigmoid"}
 SIGLIP_LOGIT_BIAS_INIT = -10.0  # b's start (SigLIP paper, sec. 3.2)
+# ModelConfig.resize, and the PIL filter numbers ModelConfig.resample may hold (Image.Resampling's values).
+RESIZE_MODES = ("shortest_edge", "square", "none")
+PIL_FILTERS = (0, 1, 2, 3, 4, 5)
 # config.json fields of earlier versions, read under their current names.
 RENAMED_FIELDS = {"logit_scale_init": "logit_scale", "logit_bias_init": "logit_bias"}
 
@@ -75,10 +78,17 @@ class ModelConfig:
     # The loss the weights were last trained with, "clip" (InfoNCE) | "siglip" (sigmoid); None (a converted
     # checkpoint) is the family's own. Probabilities follow it: softmax for InfoNCE, sigmoid for the sigmoid loss.
     loss: str | None = None
-    # Image preprocessing, mirrored from the upstream image processors.
+    # Image preprocessing, as the checkpoint's image processor does it (model/transforms.py::build_transform):
+    # resize, centre crop to vision.image_size, x / 255, (x - mean) / std.
     image_mean: tuple[float, float, float] = OPENAI_MEAN
     image_std: tuple[float, float, float] = OPENAI_STD
-    resize: str = "shortest_edge"  # CLIP: shortest side + centre crop | "square": SigLIP direct resize
+    # "shortest_edge": the shorter side to resize_size, aspect kept (CLIP) | "square": to resize_size x
+    # resize_size (SigLIP) | "none": no resize
+    resize: str = "shortest_edge"
+    resize_size: int | None = None  # None (configs written before the field): vision.image_size
+    # None (configs written before the field): a crop after "shortest_edge" only
+    center_crop: bool | None = None
+    resample: int = 3  # the resize's PIL filter (Image.Resampling): 3 = bicubic, as both upstream processors
 
     def __post_init__(self):
         if self.family not in MODEL_NAMES:
@@ -93,6 +103,24 @@ class ModelConfig:
             self.text = TextConfig(**self.text)
         self.image_mean = tuple(self.image_mean)
         self.image_std = tuple(self.image_std)
+        self._check_preprocessing()
+
+    def _check_preprocessing(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"config.json: resize must be one of {RESIZE_MODES}, got {self.resize!r}.")
+        if self.resample not in PIL_FILTERS:
+            raise ValueError(f"config.json: resample must be a PIL filter number {PIL_FILTERS}, got {self.resample!r}.")
+        if self.center_crop is None:
+            self.center_crop = self.resize == "shortest_edge"
+        # Without a crop the resize alone must give the S x S images the vision tower takes.
+        if not self.center_crop and (self.resize != "square" or self.resized_to != self.vision.image_size):
+            raise ValueError(f"config.json: without center_crop, resize must be 'square' to vision.image_size "
+                             f"({self.vision.image_size}), got {self.resize!r} to {self.resized_to}.")
+
+    @property
+    def resized_to(self) -> int:
+        """The size the resize targets: resize_size, or vision.image_size where it is unset."""
+        return self.resize_size or self.vision.image_size
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,11 +1,15 @@
-"""Image preprocessing, pixel for pixel as the upstream image processors.
+"""Image preprocessing, pixel for pixel as the checkpoint's upstream image processor.
 
-CLIP (cfg.resize == "shortest_edge"; OpenAI's `preprocess`, transformers' CLIPImageProcessorPil):
-    resize the shorter side to S with PIL bicubic (the longer side to int(S * long / short)),
-    centre crop S x S, x / 255, (x - mean) / std with OpenAI's mean and std.
-SigLIP (cfg.resize == "square"; transformers' SiglipImageProcessorPil):
-    resize to S x S with PIL bicubic, x / 255, (x - 0.5) / 0.5.
-Both first convert to RGB, compositing any transparency onto white as transformers does.
+The eval transform is transformers' CLIPImageProcessorPil / SiglipImageProcessorPil with the settings
+conversion read from the checkpoint (weights_conversion/hf.py::image_settings), S = vision.image_size:
+    convert to RGB, compositing any transparency onto white as transformers does;
+    resize with the PIL filter cfg.resample: cfg.resize "shortest_edge" takes the shorter side to
+    cfg.resize_size (the longer to int(n * long / short)), "square" takes the image to n x n, "none" keeps it;
+    if cfg.center_crop, the centre S x S (zero-padded where the image is smaller, as transformers pads);
+    x / 255, (x - mean) / std.
+Published checkpoints: openai/clip-vit-base-patch32 resizes the shorter side to 224 and crops 224 x 224
+with OpenAI's mean and std (OpenAI's `preprocess` too); google/siglip-base-patch16-224 resizes to 224 x 224
+without a crop, mean = std = 0.5. Both resample bicubic.
 
 The pipeline is split at the uint8 image, `to_uint8_resized` then `normalize_uint8`, so that a
 cache can store uint8 pixels and normalise on the device; the composition *is* the eval transform.
@@ -13,8 +17,9 @@ cache can store uint8 pixels and normalise on the device; the composition *is* t
 transformers 5's default CLIPImageProcessor / SiglipImageProcessor resize uint8 tensors with
 torchvision's antialiased bicubic instead of PIL's; tests/test_transforms.py measures the gap.
 
-Training augmentation (augment=True): RandomResizedCrop(S, scale=(0.6, 1.0)), bicubic, and a
-random horizontal flip, then the same normalisation.
+Training augmentation (augment=True): RandomResizedCrop(S, scale=(0.6, 1.0)) of the whole image with the
+checkpoint's filter, and a random horizontal flip, then the same normalisation. It replaces the eval
+resize and crop: the random crops span what the eval crop shows and more.
 """
 from __future__ import annotations
 
@@ -78,25 +83,39 @@ def load_image(path: str | Path) -> Image.Image:
 
 
 def resize_geometry(width: int, height: int, cfg: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((resized width, height), (left, top) of the S x S crop in the resized image) of the eval transform."""
-    size = cfg.vision.image_size
-    if cfg.resize == "square":
-        return (size, size), (0, 0)
-    if cfg.resize != "shortest_edge":
-        raise ValueError(f"config.json: resize must be 'shortest_edge' or 'square', got {cfg.resize!r}.")
-    # transformers' get_resize_output_image_size (= torchvision Resize(int)): the long side is floored.
-    if width <= height:
-        new_size = (size, int(size * height / width))
+    """((resized width, height), (left, top) of the S x S crop in the resized image) of the eval transform;
+    (0, 0) without a crop, where the resize gives S x S itself (ModelConfig checks that)."""
+    n = cfg.resized_to
+    if cfg.resize == "none":
+        new_size = (width, height)
+    elif cfg.resize == "square":
+        new_size = (n, n)
+    elif width <= height:  # transformers' get_resize_output_image_size (= torchvision Resize(int)): long side floored
+        new_size = (n, int(n * height / width))
     else:
-        new_size = (int(size * width / height), size)
+        new_size = (int(n * width / height), n)
+    if not cfg.center_crop:
+        return new_size, (0, 0)
+    # transformers' center_crop: floor((resized - S) / 2); negative where the image is smaller than S, and
+    # then PIL's crop fills the outside with 0, where transformers pads with zeros before it crops.
+    size = cfg.vision.image_size
     return new_size, ((new_size[0] - size) // 2, (new_size[1] - size) // 2)
 
 
 def _resize_and_crop(image: Image.Image, cfg: ModelConfig) -> Image.Image:
     size = cfg.vision.image_size
     new_size, (left, top) = resize_geometry(*image.size, cfg)
-    image = image.resize(new_size, Image.Resampling.BICUBIC)
-    return image.crop((left, top, left + size, top + size))
+    if cfg.resize != "none":
+        image = image.resize(new_size, Image.Resampling(cfg.resample))
+    return image.crop((left, top, left + size, top + size)) if cfg.center_crop else image
+
+
+def transform_name(cfg: ModelConfig) -> str:
+    """Everything the uint8 eval transform depends on, as a file name: 'shortest_edge_224_crop_224_bicubic',
+    'square_224_bicubic' (the image cache, data/image_cache.py, keeps one pixel file per name)."""
+    resize = "none" if cfg.resize == "none" else f"{cfg.resize}_{cfg.resized_to}"
+    crop = f"_crop_{cfg.vision.image_size}" if cfg.center_crop else ""
+    return f"{resize}{crop}_{Image.Resampling(cfg.resample).name.lower()}"
 
 
 def pil_to_uint8(image: Image.Image) -> torch.Tensor:
@@ -132,8 +151,10 @@ def build_transform(cfg: ModelConfig, train: bool = False,
     otherwise the deterministic eval transform. Draws from torch's global RNG (seed it to repeat)."""
     if not (train and augment):
         return functools.partial(_eval_transform, cfg=cfg)
+    # Image.Resampling and torchvision's InterpolationMode name the PIL filters alike (BICUBIC, BILINEAR, ...).
+    interpolation = T.InterpolationMode[Image.Resampling(cfg.resample).name]
     crop_and_flip = T.Compose([
-        T.RandomResizedCrop(cfg.vision.image_size, scale=(0.6, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomResizedCrop(cfg.vision.image_size, scale=(0.6, 1.0), interpolation=interpolation),
         T.RandomHorizontalFlip(),
     ])
     return functools.partial(_augmented_transform, cfg=cfg, augment=crop_and_flip)
