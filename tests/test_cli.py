@@ -1,17 +1,15 @@
 """The command line: every subcommand on tiny inputs, and one-line errors with exit status 2."""
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
 
 import pytest
-import torch
+from PIL import Image
 
 from flat_layout import write_flat_csv_layout
-from har_ref.data.prompts import PromptBank
-from har_ref.demo.synthetic import CLASS_NAMES
-from tiny_checkpoint import make_tiny_checkpoint
 
 
 def cli(*args, ok=True):
@@ -29,10 +27,13 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    texts, _ = PromptBank.from_file(None, list(CLASS_NAMES)).all_prompts()
-    return make_tiny_checkpoint("siglip", texts, tmp_path_factory.mktemp("w"), seed=0)
+def weights(tiny_weights):
+    return tiny_weights["siglip"]
+
+
+def read_predictions(run) -> dict[str, dict]:
+    with open(run / "predictions.csv", encoding="utf-8") as f:
+        return {row["path"]: row for row in csv.DictReader(f)}
 
 
 def test_prepare_reports_problems(tmp_path):
@@ -52,14 +53,40 @@ def test_evaluate_and_predict(data, weights, tmp_path):
     image = sorted((data / "test" / "texting").iterdir())[0]
     done = cli("predict", image, "--weights", weights, "--classes", data, "--true", "texting",
                "--panel", tmp_path / "panel.png")
-    assert "SigLIP" in done.stdout and (tmp_path / "panel.png").is_file()
+    ranked = next(line for line in done.stdout.splitlines() if line.startswith(f"  {image}: "))
+    top1 = ranked.split(": ", 1)[1].split(",")[0].rsplit(" ", 1)[0]
+    assert top1 == read_predictions(tmp_path / "eval")[str(image)]["pred"]  # predict agrees with evaluate
+    with Image.open(tmp_path / "panel.png") as panel:
+        assert panel.format == "PNG"
 
 
-def test_compare_two_evaluations(data, weights, tmp_path):
-    for name in ("a", "b"):
-        cli("evaluate", "--weights", weights, "--data", data, "--out", tmp_path / name)
-    cli("compare", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "report", "--resamples", 200)
-    assert "Macro F1" in (tmp_path / "report" / "report.md").read_text()
+def test_compare_two_evaluations(data, tiny_weights, tmp_path):
+    """The report's overall numbers and paired counts are those of the two runs' predictions.csv
+    (recomputed here with scikit-learn): CLIP and SigLIP, which predict differently."""
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    for family in ("clip", "siglip"):
+        cli("evaluate", "--weights", tiny_weights[family], "--data", data, "--out", tmp_path / family)
+    cli("compare", tmp_path / "clip", tmp_path / "siglip", "--out", tmp_path / "report", "--resamples", 200)
+    md = (tmp_path / "report" / "report.md").read_text()
+    names = json.loads((tmp_path / "report" / "comparison.json").read_text())["models"]
+    a, b = read_predictions(tmp_path / "clip"), read_predictions(tmp_path / "siglip")
+    assert a.keys() == b.keys() and len(a) == 30
+    paths = sorted(a)
+    truth = [a[p]["true"] for p in paths]
+    preds = {"a": [a[p]["pred"] for p in paths], "b": [b[p]["pred"] for p in paths]}
+    assert preds["a"] != preds["b"]  # the comparison has something to show
+    accuracy = {}
+    for key, pred in preds.items():
+        precision, recall, f1, _ = precision_recall_fscore_support(truth, pred, labels=sorted(set(truth)),
+                                                                   average="macro", zero_division=0)
+        accuracy[key] = accuracy_score(truth, pred)
+        assert f"| {names[key]} | {precision:.3f} | {recall:.3f} | {f1:.3f} | {accuracy[key]:.3f} |" in md
+    assert f"| Accuracy | {accuracy['a'] - accuracy['b']:+.3f} |" in md  # A - B
+    only_a = sum(x == t != y for x, y, t in zip(preds["a"], preds["b"], truth))
+    only_b = sum(y == t != x for x, y, t in zip(preds["a"], preds["b"], truth))
+    assert f"{names['a']} right and {names['b']} wrong on {only_a} images, {names['a']} wrong and " \
+           f"{names['b']} right on {only_b}" in md
 
 
 @pytest.mark.parametrize("args, message", [
