@@ -2,12 +2,28 @@
 
 Tests call `measured("...")` with what they found (e.g. the max |difference| against upstream),
 so `make test` shows the numbers, not only that they were within tolerance.
+
+The upstream implementations the tests compare har_ref with (pyproject.toml's `test` extra) are
+required, never skipped: without one of them the run stops before collecting anything.
 """
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 
 _MEASURED: list[str] = []
+# module imported by the tests -> the package of the test extra that provides it
+TEST_EXTRA = {"transformers": "transformers", "open_clip": "open_clip_torch", "sklearn": "scikit-learn",
+              "scipy": "scipy"}
+
+
+def pytest_configure(config):
+    missing = [package for module, package in TEST_EXTRA.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise pytest.UsageError(f"the test extra is not installed ({', '.join(missing)} missing): the tests compare "
+                                "har_ref with these upstream implementations and never skip them; run `make test` "
+                                "(it installs them), or `pip install -e '.[test]'`.")
 
 
 @pytest.fixture()
@@ -89,7 +105,7 @@ def _hf_checkpoint(family: str, root):
 
 
 def _open_clip_checkpoint(name: str, root):
-    """Seeded open_clip weights, inputs, open_clip's outputs under each activation, and the weights
+    """Seeded randomized open_clip weights, inputs, open_clip's outputs under each activation, and the weights
     converted by the CLI from a .safetensors file and from an OpenAI-style .pt (sources then removed)."""
     from types import SimpleNamespace
 
@@ -98,6 +114,7 @@ def _open_clip_checkpoint(name: str, root):
     from open_clip.tokenizer import default_bpe
     from safetensors.torch import save_file
 
+    from test_model_parity import randomize
     from weights_conversion.__main__ import main
 
     torch.manual_seed(0)
@@ -106,8 +123,8 @@ def _open_clip_checkpoint(name: str, root):
     state_dict, outputs = None, {}
     for arch in OPEN_CLIP_ARCHS:
         model = open_clip.create_model(arch, pretrained=None).eval()
-        if state_dict is None:
-            state_dict = model.state_dict()
+        if state_dict is None:  # randomized as test_model_parity's: open_clip's init leaves attention near uniform
+            state_dict = randomize(model).state_dict()
         model.load_state_dict(state_dict)  # the same weights under both activations
         with torch.no_grad():
             img = model.encode_image(images, normalize=True)

@@ -8,12 +8,11 @@ import json
 
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-
-from har_ref import load_model, load_tokenizer  # noqa: E402
-from har_ref.demo.tiny import CHECKPOINTS  # noqa: E402
-from weights_conversion.hf import convert_hf  # noqa: E402
+from har_ref import load_model, load_tokenizer
+from har_ref.demo.tiny import CHECKPOINTS
+from weights_conversion.hf import convert_hf
 
 MANIFEST = json.loads((CHECKPOINTS / "manifest.json").read_text())
 

@@ -36,7 +36,7 @@ def randomize(model, seed=0):
                 p.copy_(-3.0 + 0.3 * noise)  # far from 0, as a trained SigLIP's (it starts at -10)
             elif p.ndim >= 2:
                 p.copy_(noise * p[0].numel() ** -0.5)  # fan-in scaling
-            elif "norm" in name and name.endswith("weight"):
+            elif ("norm" in name or "ln_" in name) and name.endswith("weight"):  # LayerNorm (open_clip: ln_*)
                 p.copy_(1 + 0.1 * noise)
             else:
                 p.copy_(0.1 * noise)

@@ -24,14 +24,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from open_clip import tokenizer as open_clip_tokenizer
 
 from har_ref.model.config import clip_vit_b32, siglip_base_patch16_224
 from har_ref.model.tokenizer import ClipTokenizer, SiglipTokenizer, load_tokenizer
 from har_ref.demo.tokenizer_training import (bytes_to_unicode, learn_bpe_merges, train_clip_bpe,
                                         train_sentencepiece)
-
-transformers = pytest.importorskip("transformers")
-open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")
 
 BOS, EOS = 49406, 49407
 
