@@ -22,20 +22,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers import (AutoProcessor, CLIPConfig, CLIPModel, CLIPTokenizer, SiglipConfig, SiglipModel,
+                          SiglipTokenizer)
 
-transformers = pytest.importorskip("transformers")
-from transformers import (AutoProcessor, CLIPConfig, CLIPModel, CLIPTokenizer, SiglipConfig,  # noqa: E402
-                          SiglipModel, SiglipTokenizer)
-from test_model_parity import EMB_TOL, LOGIT_TOL, randomize, text_batch  # noqa: E402
-
-import har_ref  # noqa: E402
-from har_ref.data.prompts import PromptBank  # noqa: E402
-from har_ref.demo.synthetic import CLASS_NAMES  # noqa: E402
-from har_ref.demo.tokenizer_training import train_clip_bpe, train_sentencepiece  # noqa: E402
-from har_ref.model.transforms import build_transform  # noqa: E402
-from weights_conversion.__main__ import main  # noqa: E402
-from weights_conversion.export_hf import export_hf  # noqa: E402
-from weights_conversion.hf import convert_hf  # noqa: E402
+import har_ref
+from har_ref.data.prompts import PromptBank
+from har_ref.demo.synthetic import CLASS_NAMES
+from har_ref.demo.tokenizer_training import train_clip_bpe, train_sentencepiece
+from har_ref.model.transforms import build_transform
+from test_model_parity import EMB_TOL, LOGIT_TOL, randomize, text_batch
+from weights_conversion.__main__ import main
+from weights_conversion.export_hf import export_hf
+from weights_conversion.hf import convert_hf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["a photo of a person running.", "Two people HUGGING!", "a photo of " + "a very " * 40 + "tall person"]

@@ -10,13 +10,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
+from transformers import CLIPConfig, CLIPModel
 
 from weights_conversion.common import ConversionError
 from weights_conversion.hf import convert_config, convert_hf
-
-transformers = pytest.importorskip("transformers")
-from transformers import CLIPConfig, CLIPModel  # noqa: E402
 
 
 @pytest.fixture()

@@ -14,14 +14,13 @@ import io
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image, ImageOps
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from har_ref.model.config import OPENAI_MEAN, OPENAI_STD, ModelConfig, clip_vit_b32, siglip_base_patch16_224
 from har_ref.model.transforms import build_transform, load_image, normalize_uint8, to_uint8_resized
-
-transformers = pytest.importorskip("transformers")
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402
-from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
