@@ -126,9 +126,9 @@ def draw_pictures(a: RunResults, b: RunResults, names: tuple[str, str], numbers:
         plot_loss_curves({n: [r["loss"] for r in log] for n, log in logs.items()}, out_dir / "loss_curves.png")
         plot_epoch_times({n: training_summary(log)["mean_epoch_time_s"] for n, log in logs.items()},
                          out_dir / "epoch_times.png")
-    if a.wise_ft and b.wise_ft:
-        plot_wise_ft({name: [(p["alpha"], p["accuracy"]) for p in run.wise_ft] for name, run in zip(names, (a, b))},
-                     out_dir / "wise_ft.png")
+    if has_wise_ft_shift(a, b):
+        plot_wise_ft({name: [(p["alpha"], p["accuracy"], p["shift"]["accuracy"]) for p in run.wise_ft]
+                      for name, run in zip(names, (a, b))}, out_dir / "wise_ft.png")
     plot_reliability({name: numbers["reliability"][key] for key, name in zip(("a", "b"), names)},
                      out_dir / "reliability.png")
     files["calibration"] = ["reliability.png"]
@@ -225,23 +225,25 @@ def summary_paragraph(names: tuple[str, str], numbers: dict, class_names: list[s
     return " ".join(lines)
 
 
-def miniature_study(names: tuple[str, str], runs: tuple[RunResults, RunResults]) -> list[str]:
-    """Zero-shot (alpha 0) and fine-tuned (alpha 1) rows per family, the gain, WiSE-FT's best mix."""
-    rows = []
-    for name, run in zip(names, runs):
-        zero, tuned = run.wise_ft[0], run.wise_ft[-1]
-        best = max(run.wise_ft, key=lambda p: (p["accuracy"], -abs(p["alpha"] - 0.5)))
-        rows.append([name, f"{_f(zero['accuracy'])} / {_f(zero['macro_f1'])}",
-                     f"{_f(tuned['accuracy'])} / {_f(tuned['macro_f1'])}",
-                     f"{_d(tuned['accuracy'] - zero['accuracy'])} / {_d(tuned['macro_f1'] - zero['macro_f1'])}",
-                     f"{best['alpha']:g}: {_f(best['accuracy'])}"])
-    return (["## Zero-shot, fine-tuned, and in between (WiSE-FT)", "",
-             "Each model's own pretrained checkpoint scored zero-shot (alpha = 0), after fine-tuning (alpha = 1), "
-             "and the weight-space mixes (1 − alpha)·zero-shot + alpha·fine-tuned (Wortsman et al. 2022) in "
-             "steps of 0.1, on the same test images with the same prompts.", ""]
-            + _table(["Model", "Zero-shot acc. / macro-F1", "Fine-tuned acc. / macro-F1", "Gain",
-                      "Best alpha: acc."], rows) + [""]
-            + _picture("wise_ft.png", "Test accuracy of the weight-space mix, from zero-shot (0) to fine-tuned (1)"))
+def has_wise_ft_shift(a: RunResults, b: RunResults) -> bool:
+    """Both runs carry a WiSE-FT curve (wise_ft_curve.json) scored on the shifted test split too."""
+    return bool(a.wise_ft and b.wise_ft and all("shift" in p for p in a.wise_ft + b.wise_ft))
+
+
+def wise_ft_section(names: tuple[str, str], runs: tuple[RunResults, RunResults]) -> list[str]:
+    """The weight-space mixes (1 - alpha) zero-shot + alpha fine-tuned (Wortsman et al. 2022) of each run,
+    drawn as the WiSE-FT paper does (ID accuracy against shift accuracy), and their numbers."""
+    rows = [[name, f"{p['alpha']:g}", _f(p["accuracy"]), _f(p["shift"]["accuracy"]), _f(p["macro_f1"]),
+             _f(p["shift"]["macro_f1"]), _f(p["validation"]["macro_f1"]) if "validation" in p else "-"]
+            for name, run in zip(names, runs) for p in run.wise_ft]
+    return (["## WiSE-FT: from zero-shot to fine-tuned, in distribution and under shift", "",
+             "Each run's weight-space mixes (1 − alpha)·zero-shot + alpha·fine-tuned in steps of 0.1, scored on "
+             "the test split (ID), the shifted test split and the run's validation part of train, where the "
+             "alpha to use is chosen (never on test).", ""]
+            + _picture("wise_ft.png", "WiSE-FT: ID test accuracy (x) against shifted test accuracy (y), one point "
+                                      "per alpha, the zero-shot and fine-tuned ends labelled")
+            + _table(["Model", "alpha", "ID acc.", "Shift acc.", "ID macro-F1", "Shift macro-F1",
+                      "Validation macro-F1"], rows) + [""])
 
 
 def memory_note(a: RunResults, b: RunResults) -> str:
@@ -257,7 +259,8 @@ def memory_note(a: RunResults, b: RunResults) -> str:
 
 
 def write_markdown(path: Path, a: RunResults, b: RunResults, names: tuple[str, str], numbers: dict,
-                   files: dict[str, list], per_category: int, looks: Sequence[str] = ()) -> None:
+                   files: dict[str, list], per_category: int, lead: Sequence[str] = (),
+                   looks: Sequence[str] = ()) -> None:
     classes = a.class_names
     ma, mb = numbers["metrics"]["a"], numbers["metrics"]["b"]
     summaries = {n: training_summary(r.log) for n, r in zip(names, (a, b)) if r.log}
@@ -278,8 +281,9 @@ def write_markdown(path: Path, a: RunResults, b: RunResults, names: tuple[str, s
             f"ECE: softmax of the logits in predictions.csv, {ECE_BINS} equal-width bins (Guo et al. 2017).", "",
             "## What this shows", "", summary_paragraph(names, numbers, classes, summaries), ""]
 
-    if a.wise_ft and b.wise_ft:
-        out += miniature_study(names, (a, b))
+    out += list(lead)
+    if has_wise_ft_shift(a, b):
+        out += wise_ft_section(names, (a, b))
     out += ["## Table 1: Overall metrics", ""]
     out += _table(["Model", "Macro precision", "Macro recall", "Macro F1", "Accuracy"],
                   [[n, _f(m["macro_precision"]), _f(m["macro_recall"]), _f(m["macro_f1"]), _f(m["accuracy"])]
@@ -359,8 +363,10 @@ def write_markdown(path: Path, a: RunResults, b: RunResults, names: tuple[str, s
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path, out_dir: str | Path, n_resamples: int = 10_000,
-                 seed: int = 0, examples_per_category: int = 4, explain: ExplainInputs | None = None) -> Path:
+                 seed: int = 0, examples_per_category: int = 4, lead: Sequence[str] = (),
+                 explain: ExplainInputs | None = None) -> Path:
     """Write OUT_DIR/report.md, comparison.json and the PNGs it links; returns the report's path.
+    `lead`: markdown lines placed before the two runs' tables (the demo's multi-seed summary).
     `explain`: the data directory and zero-shot checkpoints for the section "What each model looks at"
     (report_maps.py; it also writes pointing_game.json); without it the report has no such section."""
     a, b = load_run(run_a), load_run(run_b)
@@ -371,7 +377,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, out_dir: str | Path, n_re
     files = draw_pictures(a, b, names, numbers, out_dir, examples_per_category, seed)
     looks = explain_section(a, b, names, numbers, explain, out_dir, seed) if explain else []
     report = out_dir / "report.md"
-    write_markdown(report, a, b, names, numbers, files, examples_per_category, looks=looks)
+    write_markdown(report, a, b, names, numbers, files, examples_per_category, lead, looks)
     saved = {k: v for k, v in numbers.items() if k not in ("correct", "pred_b_aligned")}
     saved.update(models={"a": names[0], "b": names[1]}, runs={"a": str(a.directory), "b": str(b.directory)},
                  verdict=verdict_lines(names, numbers))

@@ -26,7 +26,7 @@ class RunResults:
     log: list[dict] | None  # one record per epoch, None without log.jsonl
     synthetic: bool
     skipped_images: int
-    wise_ft: list[dict] | None = None  # [{alpha, accuracy, macro_f1}] from wise_ft.json (the demo writes it)
+    wise_ft: list[dict] | None = None  # [{alpha, accuracy, macro_f1}] from wise_ft_curve.json (the demo writes it)
 
 
 def _read_json(path: Path) -> dict:
@@ -76,7 +76,8 @@ def load_run(directory: str | Path, suffix: str = "") -> RunResults:
                pred=[r[2] for r in rows], scores=scores, log=read_log(directory / "log.jsonl"),
                synthetic=bool(train_config.get("synthetic", False)),
                skipped_images=len(metrics.get("skipped_images", [])),
-               wise_ft=_read_json(directory / "wise_ft.json")["curve"] if (directory / "wise_ft.json").is_file() else None)
+               wise_ft=_read_json(directory / "wise_ft_curve.json")["curve"] if (directory / "wise_ft_curve.json").is_file()
+               else None)
 
 
 def align(a: RunResults, b: RunResults) -> np.ndarray:

@@ -176,20 +176,81 @@ def plot_reliability(data_by_model: dict[str, dict], path, title: str = "Reliabi
     return save_png(chart.canvas, path)
 
 
-def plot_wise_ft(curves: dict[str, Sequence[tuple[float, float]]], path,
-                 title: str = "WiSE-FT: test accuracy along the line from zero-shot to fine-tuned") -> Image.Image:
-    """One line per model: accuracy (y) of the weight-space mix at alpha (x; 0 zero-shot, 1 fine-tuned)."""
+def plot_wise_ft(curves: dict[str, Sequence[tuple[float, float, float]]], path,
+                 title: str = "WiSE-FT: accuracy in distribution and under shift") -> Image.Image:
+    """As the WiSE-FT paper draws it (Wortsman et al. 2022, fig. 1): one curve per model through its
+    weight-space mixes, (alpha, ID accuracy, shift accuracy) points, ID accuracy on x, shift accuracy on
+    y. Both axes share one scale from a round value below the lowest point to 1, so a small gap looks
+    small; the dashed diagonal is shift = ID. The ends are labelled zero-shot and fine-tuned, alpha 0.5
+    is marked, and every point is one alpha."""
     if not curves or not all(len(curve) for curve in curves.values()):
-        raise ValueError("plot_wise_ft needs at least one model with at least one (alpha, accuracy) point.")
+        raise ValueError("plot_wise_ft needs at least one model with at least one (alpha, ID, shift) point.")
     colors = model_colors(list(curves))
-    values = [acc for curve in curves.values() for _, acc in curve]
-    y_ticks = nice_ticks(min(values), max(values))
-    x_ticks = [i / 10 for i in range(11)]
-    digits = tick_decimals(y_ticks)
-    chart = _new_chart(title, [(name, colors[name], "line") for name in curves], x_ticks, y_ticks,
-                       [f"{t:g}" for t in x_ticks], [f"{t:.{digits}f}" for t in y_ticks],
-                       "alpha (0 = zero-shot, 1 = fine-tuned)", "Test accuracy", (-0.04, 1.04), (y_ticks[0], y_ticks[-1]))
+    lowest = min(v for curve in curves.values() for _, x, y in curve for v in (x, y))
+    lo = max(0.0, math.floor(lowest * 10 - 0.5) / 10)
+    ticks = nice_ticks(lo, 1.0)
+    ticks = [t for t in ticks if lo - 1e-9 <= t <= 1.0 + 1e-9]
+    labels = [f"{t:.{tick_decimals(ticks)}f}" for t in ticks]
+    legend = [(name, colors[name], "line") for name in curves] + [("shift = ID", FAINT_GREY, "dashed")]
+    chart = _new_chart(title, legend, ticks, ticks, labels, labels, "ID test accuracy",
+                       "Shifted test accuracy", (lo, 1.0), (lo, 1.0), plot_size=(480, 480))
     draw = ImageDraw.Draw(chart.canvas)
+    _dashed_line(draw, chart.px(lo, lo), chart.px(1.0, 1.0), FAINT_GREY)
     for name, curve in curves.items():
-        _polyline(draw, [chart.px(alpha, acc) for alpha, acc in curve], colors[name])
+        points = sorted(curve)
+        _polyline(draw, [chart.px(x, y) for _, x, y in points], colors[name])
+        for alpha, x, y in points:
+            label = {0.0: "zero-shot", 1.0: "fine-tuned", 0.5: "alpha 0.5"}.get(round(alpha, 6))
+            if label:
+                px, py = chart.px(x, y)
+                draw.ellipse((px - 6, py - 6, px + 6, py + 6), outline=colors[name], width=2)
+                draw_text(draw, (round(px) + 9, round(py) - 4), label, TEXT_PX, fill=colors[name], anchor="ld")
+    return save_png(chart.canvas, path)
+
+
+def plot_lines_with_bands(series: dict[str, Sequence[tuple[float, float, float, float]]], path, title: str,
+                          x_title: str, y_title: str, log_x: bool = False) -> Image.Image:
+    """One line per series through its (x, y, lo, hi) points in x order, over a shaded band from lo to hi
+    (a 95% CI, say), each point's own lo..hi drawn as a whisker. With `log_x` the x axis is log10, its
+    ticks at 1, 2 and 5 times a power of 10."""
+    if not series or not all(len(points) for points in series.values()):
+        raise ValueError("plot_lines_with_bands needs at least one series with at least one (x, y, lo, hi) point.")
+    xs = [p[0] for points in series.values() for p in points]
+    if log_x and min(xs) <= 0:
+        raise ValueError(f"plot_lines_with_bands: a log x axis needs positive x, got {min(xs)}.")
+    fx = math.log10 if log_x else float
+    pad = (fx(max(xs)) - fx(min(xs))) * 0.06 or 0.5
+    x_range = (fx(min(xs)) - pad, fx(max(xs)) + pad)
+    if log_x:  # 1, 2, 5 x 10^k; powers of 2 where those are too few (a range within a decade); else the x values
+        ticks = [m * 10.0 ** e for e in range(math.floor(x_range[0]), math.ceil(x_range[1]) + 1) for m in (1, 2, 5)
+                 if x_range[0] <= math.log10(m * 10.0 ** e) <= x_range[1]]
+        if len(ticks) < 3:
+            log2 = math.log10(2)
+            octaves = range(math.floor(x_range[0] / log2), math.ceil(x_range[1] / log2) + 1)
+            ticks = [2.0 ** e for e in octaves if x_range[0] <= e * log2 <= x_range[1]]
+        if len(ticks) < 2:  # within an octave: the data's own x values
+            ticks = sorted(set(xs))
+    else:
+        ticks = [t for t in nice_ticks(*x_range) if x_range[0] <= t <= x_range[1]] or sorted(set(xs))
+    ys = [v for points in series.values() for _, y, lo, hi in points for v in (y, lo, hi)]
+    y_ticks = nice_ticks(min(ys), max(ys))
+    digits = tick_decimals(y_ticks)
+    colors = model_colors(list(series))
+    chart = _new_chart(title, [(name, colors[name], "line") for name in series], [fx(t) for t in ticks], y_ticks,
+                       [f"{t:g}" for t in ticks], [f"{t:.{digits}f}" for t in y_ticks], x_title, y_title, x_range,
+                       (y_ticks[0], y_ticks[-1]))
+    overlay = Image.new("RGBA", chart.canvas.size, (0, 0, 0, 0))
+    bands = ImageDraw.Draw(overlay)
+    for name, points in series.items():
+        points = sorted(points)
+        if len(points) > 1:
+            edge = [chart.px(fx(x), hi) for x, _, _, hi in points] + [chart.px(fx(x), lo) for x, _, lo, _ in points[::-1]]
+            bands.polygon(edge, fill=colors[name] + (56,))
+    chart.canvas.paste(Image.alpha_composite(chart.canvas.convert("RGBA"), overlay).convert("RGB"))
+    draw = ImageDraw.Draw(chart.canvas)
+    for name, points in series.items():
+        points = sorted(points)
+        for x, _, lo, hi in points:
+            draw.line([chart.px(fx(x), lo), chart.px(fx(x), hi)], fill=colors[name], width=2)
+        _polyline(draw, [chart.px(fx(x), y) for x, y, _, _ in points], colors[name])
     return save_png(chart.canvas, path)
