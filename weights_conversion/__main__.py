@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "tokenizer files, loadable by from_pretrained and CLIPProcessor/SiglipProcessor.")
     ex.add_argument("--src", required=True, help="har_ref checkpoint or training run directory")
     ex.add_argument("--out", required=True, help="output transformers checkpoint directory")
+    ex.add_argument("--drop-logit-bias", action="store_true",
+                    help="export CLIP towers trained with the sigmoid loss without their logit bias b, which "
+                         "CLIPModel cannot hold (refused otherwise)")
     return parser
 
 
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             out = convert_hf(args.src, args.out)
         elif args.command == "export-hf":
             from .export_hf import export_hf
-            out = export_hf(args.src, args.out)
+            out = export_hf(args.src, args.out, args.drop_logit_bias)
         else:
             from .open_clip import convert_open_clip
             out = convert_open_clip(args.src, args.arch, args.out, bpe=args.bpe)

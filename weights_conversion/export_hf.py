@@ -189,8 +189,12 @@ def write_tokenizer(src: Path, out: Path, cfg: ModelConfig, tokenizer) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
-def export_hf(src: str | Path, out: str | Path) -> Path:
-    """Write the transformers directory for the har_ref checkpoint in `src` to `out`."""
+def export_hf(src: str | Path, out: str | Path, drop_logit_bias: bool = False) -> Path:
+    """Write the transformers directory for the har_ref checkpoint in `src` to `out`.
+
+    CLIP towers trained with the sigmoid loss (`train --loss siglip`) hold a logit bias b that CLIPModel
+    cannot: refused unless `drop_logit_bias` (--drop-logit-bias), which exports them without b (the
+    same predictions and softmax, not the sigmoid probabilities the run trained)."""
     src, out = Path(src), Path(out)
     cfg = read_checkpoint(src)
     if out.resolve() == src.resolve():
@@ -200,6 +204,17 @@ def export_hf(src: str | Path, out: str | Path) -> Path:
         tensors = load_model(src).state_dict()  # float32, every key and shape checked against config.json
     except ValueError as e:
         raise ConversionError(str(e)) from e
+    if cfg.family == "clip" and "logit_bias" in tensors:
+        if not drop_logit_bias:
+            raise ConversionError(f"{src} is CLIP towers trained with the sigmoid loss and holds a logit bias b "
+                                  f"({cfg.logit_bias:.6g}) that transformers' CLIPModel has no place for; pass "
+                                  "--drop-logit-bias to export it without b (same predictions, not the sigmoid "
+                                  "probabilities).")
+        del tensors["logit_bias"]
+        print(f"note: the logit bias b = {cfg.logit_bias:.6g} of {src} is not exported (--drop-logit-bias).")
+    if cfg.family == "siglip" and cfg.loss == "clip":
+        print(f"note: {src} was trained with InfoNCE, which transformers' config.json cannot record: its "
+              "probabilities are the softmax over the classes' logits, not SiglipModel's per-pair sigmoid.")
     try:
         tokenizer = load_tokenizer(src)
     except FileNotFoundError:

@@ -3,11 +3,12 @@
 Classification as image-text matching (CLIP sec. 3.1.2): each class is the mean of its
 L2-normalized template embeddings (the prompt ensemble, CLIP sec. 3.1.4), renormalized;
 an image is assigned the class whose embedding scores highest. Scores are the model's own
-logits, exp(t) * cos (+ b for SigLIP). Calibration (ECE, reliability diagram) uses the softmax
-over the K class logits for both models, so the two are compared on one footing: for CLIP it is
-the distribution InfoNCE trains; SigLIP is trained with a per-pair sigmoid instead (its own
-per-class probabilities are what `predict` prints), and the softmax is a choice of this
-comparison (b cancels in it).
+logits, exp(t) * cos (+ b when it has one: SigLIP, or CLIP towers trained with the sigmoid loss).
+metrics.json names the run by towers and loss (ModelConfig.name) and records the loss and the
+probability rule it trains (`predict` prints those probabilities: softmax for InfoNCE, sigmoid for
+the sigmoid loss). Calibration (ECE, reliability diagram) uses the softmax over the K class logits
+for every run, so all are compared on one footing: under InfoNCE it is the distribution the loss
+trains; under the sigmoid loss it is a choice of this comparison (b cancels in it).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import numpy as np
 from ..data.folders import (DEFAULT_SHIFT_SPLIT, ImageFolderDataset, build_splits, make_eval_loader, split_items,
                             write_skipped)
 from ..data.prompts import PromptBank
-from ..model.config import MODEL_NAMES
+from ..model.config import PROBABILITY_KIND
 from ..model.dual_encoder import DualEncoder, load_model
 from ..model.tokenizer import load_tokenizer
 from ..model.transforms import build_transform
@@ -55,8 +56,8 @@ def evaluate_model(model: DualEncoder, tokenizer, data_dir: str | Path, out_dir:
     model.eval()
     logits, y_true, indices = image_scores(model, loader, class_embeddings(model, tokenizer, bank, class_names),
                                            autocast)
-    return write_split(out_dir, dataset, logits, y_true, indices, class_names, split,
-                       label or MODEL_NAMES[model.cfg.family], model.cfg.family, suffix)
+    return write_split(out_dir, dataset, logits, y_true, indices, class_names, split, label or model.cfg.name,
+                       model.cfg.family, suffix, {"loss": model.cfg.loss, "probability": PROBABILITY_KIND[model.cfg.loss]})
 
 
 def write_split(out_dir: Path, dataset: ImageFolderDataset, logits: np.ndarray, y_true: np.ndarray,
@@ -64,7 +65,8 @@ def write_split(out_dir: Path, dataset: ImageFolderDataset, logits: np.ndarray, 
                 suffix: str = "", extra: dict | None = None) -> dict:
     """One scored split into a run directory: metrics<suffix>.json (with `extra` merged in),
     predictions<suffix>.csv (the per-class scores are `logits`), confusion<suffix>.png, and the split's
-    unreadable files in skipped.txt. Every way of scoring (zero-shot, fine-tuned, linear probe) writes here."""
+    unreadable files in skipped.txt. Every way of scoring (zero-shot, fine-tuned, linear probe) writes here.
+    metrics<suffix>.json is written last: once it exists, the split is complete (train --resume auto relies on it)."""
     metrics = compute_metrics(y_true, logits.argmax(1), class_names)
     probs = softmax(logits)
     metrics["ece"] = expected_calibration_error(probs, y_true, n_bins=15)
@@ -76,10 +78,10 @@ def write_split(out_dir: Path, dataset: ImageFolderDataset, logits: np.ndarray, 
     metrics.update(extra or {})
     if dataset.skipped or (out_dir / "skipped.txt").is_file():
         write_skipped(out_dir, split, dataset.skipped)
-    (out_dir / f"metrics{suffix}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_predictions(out_dir / f"predictions{suffix}.csv", dataset.items, indices, logits, class_names)
     plot_confusion(np.asarray(metrics["confusion_normalized"]), class_names,
                    f"Confusion matrix (normalized): {model_name}, {split}", out_dir / f"confusion{suffix}.png")
+    (out_dir / f"metrics{suffix}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 

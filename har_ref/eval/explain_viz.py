@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from ..model.config import MODEL_NAMES, ModelConfig
+from ..model.config import ModelConfig
 from ..model.transforms import load_image
 from .compare_viz import PANEL_IMAGE_PX, density, fitted, legend_top, map_legend, map_overlay
 from .drawing import (FAINT_GREY, MARGIN, TEXT_PX, TITLE_PX, WHITE, display_name, draw_text, line_height,
@@ -109,7 +109,7 @@ def run_explain(weights: list[str], images: list[str], out: str | Path, explain_
     names_taken: list[str] = []
     for p in predictors:  # one checkpoint in memory at a time; its rows are small
         p.load()
-        name = MODEL_NAMES[p.family]
+        name = p.name
         name = f"{name} ({p.weights.name})" if name in names_taken else name
         names_taken.append(name)
         wanted = [p.class_names.index(c) for c in explain_classes or []]
@@ -120,7 +120,7 @@ def run_explain(weights: list[str], images: list[str], out: str | Path, explain_
             pixels = p.pixels([image for _, image in batch])
             with torch.no_grad():  # one forward gives the maps and the embedding the top-3 are scored from
                 trace = trace_image_tower(p.model.vision, pixels)
-            probs = probabilities(p.scores(trace.embedding), p.family)
+            probs = probabilities(p.scores(trace.embedding), p.loss)
             maps = [(ATTENTION_MAP_NAMES[p.family], traced_attention_map(trace))]
             if wanted:
                 maps += [(f"why {display_name(p.class_names[c])} (grad x attention)", m)

@@ -1,11 +1,12 @@
 """`python -m har_ref predict`: classify image files or folders with one or more checkpoints.
 
 For every image and every checkpoint it prints the top-k classes with the model's own
-probabilities, and says which kind they are: CLIP's InfoNCE trains a softmax over the
-candidate classes, so its probabilities sum to 1; SigLIP's loss scores each image-text pair
-with an independent sigmoid, so its per-class probabilities need not. Scores are computed
-exactly as evaluate.py scores the test split (template-ensemble class embeddings, the
-model's exp(t) * cos (+ b)), so a prediction here equals that image's row of predictions.csv.
+probabilities, and says which kind they are. They follow the loss the weights were trained with
+(config.json's `loss`, whatever the towers): InfoNCE trains a softmax over the candidate classes, so
+its probabilities sum to 1; the sigmoid loss scores each image-text pair with an independent sigmoid,
+so its per-class probabilities need not. Scores are computed exactly as evaluate.py scores the test
+split (template-ensemble class embeddings, the model's exp(t) * cos (+ b when it has one)), so a
+prediction here equals that image's row of predictions.csv.
 
 Label space, per checkpoint: --classes if given, else the run directory's classes.json
 (training writes it), else the 15 HAR classes; template bank: --prompts if given, else the
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from ..data.classes import CLASS_NAMES
 from ..data.folders import IMAGE_EXTENSIONS
 from ..data.prompts import DEFAULT_PROMPTS, PromptBank
-from ..model.config import MODEL_NAMES, ModelConfig
+from ..model.config import PROBABILITY_KIND, ModelConfig
 from ..model.dual_encoder import load_model
 from ..model.tokenizer import load_tokenizer
 from ..model.transforms import build_transform, load_image
@@ -40,14 +41,13 @@ from .compare_viz import compare_panel, fitted
 from .embed import class_embeddings
 from .explain import ATTENTION_MAP_NAMES, attention_map, pixel_mass
 
-PROBABILITY_KIND = {"clip": "softmax", "siglip": "sigmoid"}
 KIND_HEADER = {"softmax": "softmax probabilities over the {k} classes (sum to 1)",
                "sigmoid": "per-class sigmoid probabilities (independent, need not sum to 1)"}
 
 
-def probabilities(logits: torch.Tensor, family: str) -> torch.Tensor:
-    # CLIP's InfoNCE trains a softmax over candidates; SigLIP's loss a sigmoid per pair (SigLIP eq. 1).
-    return logits.softmax(-1) if PROBABILITY_KIND[family] == "softmax" else logits.sigmoid()
+def probabilities(logits: torch.Tensor, loss: str) -> torch.Tensor:
+    # InfoNCE (loss "clip") trains a softmax over candidates; the sigmoid loss a sigmoid per pair (SigLIP eq. 1).
+    return logits.softmax(-1) if PROBABILITY_KIND[loss] == "softmax" else logits.sigmoid()
 
 
 def collect_images(specs: list[str | Path]) -> list[Path]:
@@ -141,8 +141,8 @@ class Predictor:
     @torch.no_grad()
     def load(self) -> None:
         self.model = load_model(self.weights, device=self.device)
-        self.family = self.model.cfg.family
-        self.kind = PROBABILITY_KIND[self.family]
+        self.family, self.loss, self.name = self.model.cfg.family, self.model.cfg.loss, self.model.cfg.name
+        self.kind = PROBABILITY_KIND[self.loss]
         self.transform = build_transform(self.model.cfg, train=False)
         self.class_emb = class_embeddings(self.model, load_tokenizer(self.weights), self.bank, self.class_names)
 
@@ -170,7 +170,7 @@ class Predictor:
             batch = decode_batch(paths[start:start + batch_size], bad)
             if not batch:
                 continue
-            probs = probabilities(self.logits(self.pixels([image for _, image in batch])), self.family)
+            probs = probabilities(self.logits(self.pixels([image for _, image in batch])), self.loss)
             for (path, _), row in zip(batch, probs):
                 top = row.topk(k)
                 yield path, [(self.class_names[i], v) for v, i in zip(top.values.tolist(), top.indices.tolist())]
@@ -205,7 +205,7 @@ def run_predict(weights: list[str], images: list[str], class_names: list[str] | 
     with (open(json_path, "w") if json_path not in (None, "-") else nullcontext(sys.stdout)) as out:
         for p in predictors:
             p.load()
-            name = MODEL_NAMES[p.family]
+            name = p.name
             if name in predictions:  # two checkpoints of one family: tell them apart by directory
                 name = f"{name} ({p.weights.name})"
             predictions[name] = []
@@ -218,7 +218,8 @@ def run_predict(weights: list[str], images: list[str], class_names: list[str] | 
                     print(f"  {path}: " + ", ".join(f"{c} {fmt(v)}" for c, v in ranked), file=text, flush=True)
                 if json_path is not None:
                     out.write(json.dumps({"path": str(path), "model": name, "weights": str(p.weights),
-                                          "family": p.family, "probability": p.kind, "source": p.source,
+                                          "family": p.family, "loss": p.loss, "probability": p.kind,
+                                          "source": p.source,
                                           "top_k": [{"class": c, "probability": v} for c, v in ranked]}) + "\n")
                     out.flush()
             if panel is not None and predictions[name]:

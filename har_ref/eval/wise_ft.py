@@ -5,7 +5,11 @@
 alpha = 0 is the zero-shot checkpoint, alpha = 1 the fine-tuned one; in between the paper finds
 models that keep much of the zero-shot model's robustness and most of the fine-tuned accuracy. Every
 tensor is mixed, the temperature t and SigLIP's bias b included. Both checkpoints must share the
-architecture (the fine-tuned one was trained from the zero-shot one).
+architecture (the fine-tuned one was trained from the zero-shot one). The mix is the fine-tuned model's
+kind: its loss (config.json), so its probability rule, and its b. A b only the fine-tuned run has (CLIP
+towers trained with the sigmoid loss, from a CLIP checkpoint without b) is the run's at every alpha: the
+zero-shot end has no b to mix with, and b moves every class's logit alike, so it changes no prediction,
+only the sigmoid probabilities.
 """
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ def interpolate(zero_shot: DualEncoder, fine_tuned: DualEncoder, alpha: float) -
         raise ValueError("the zero-shot and fine-tuned checkpoints have different config.json architectures; "
                          "WiSE-FT mixes a fine-tuned model with the checkpoint it was fine-tuned from.")
     a, b = zero_shot.state_dict(), fine_tuned.state_dict()
-    mixed = {k: a[k] if alpha == 0 else b[k] if alpha == 1 else torch.lerp(a[k], b[k], alpha) for k in a}
+    mixed = {k: a[k] if alpha == 0 and k in a else b[k] if alpha == 1 or k not in a else torch.lerp(a[k], b[k], alpha)
+             for k in b}
     model = DualEncoder(fine_tuned.cfg)
     model.load_state_dict(mixed)
     return model.eval()
@@ -48,7 +53,11 @@ def wise_ft(zero_shot: str | Path, fine_tuned: str | Path, alpha: float, out: st
     zero_shot, fine_tuned, out = Path(zero_shot), Path(fine_tuned), Path(out)
     if out.resolve() in (zero_shot.resolve(), fine_tuned.resolve()):
         raise ValueError(f"--out {out} is one of the two checkpoints; write the mix to another directory.")
-    model = interpolate(load_model(zero_shot), load_model(fine_tuned), alpha)
+    start, end = load_model(zero_shot), load_model(fine_tuned)
+    if start.logit_bias is None and end.logit_bias is not None:
+        print(f"[wise-ft] {zero_shot} has no logit bias b: the mix keeps {fine_tuned}'s "
+              f"b = {end.logit_bias.item():.6g} (it changes no prediction, only the sigmoid probabilities)")
+    model = interpolate(start, end, alpha)
     save_model(model, out)
     for name in TOKENIZER_FILES + RUN_LABEL_FILES:
         if (fine_tuned / name).is_file():

@@ -18,6 +18,9 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 MODEL_NAMES = {"clip": "CLIP", "siglip": "SigLIP"}
 # The two losses (ModelConfig.loss), by the family that introduced them, and what reports call them.
 LOSS_NAMES = {"clip": "InfoNCE", "siglip": "sigmoid"}
+# The probabilities each loss trains, which predict prints: InfoNCE a softmax over the candidates, the
+# sigmoid loss an independent sigmoid per image-text pair (SigLIP eq. 1).
+PROBABILITY_KIND = {"clip": "softmax", "siglip": "sigmoid"}
 SIGLIP_LOGIT_BIAS_INIT = -10.0  # b's start (SigLIP paper, sec. 3.2)
 # ModelConfig.resize, and the PIL filter numbers ModelConfig.resample may hold (Image.Resampling's values).
 RESIZE_MODES = ("shortest_edge", "square", "none")
