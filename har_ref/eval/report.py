@@ -269,6 +269,7 @@ def write_markdown(path: Path, a: RunResults, b: RunResults, names: tuple[str, s
         out += ["> **SYNTHETIC DEMO — NOT A RESULT ABOUT CLIP OR SIGLIP.** These are tiny models trained "
                 "on synthetic cartoon images (train_config.json has `\"synthetic\": true`). "
                 "The numbers exercise the pipeline and say nothing about real CLIP or SigLIP.", ""]
+    out += list(lead)
     out += ["## Where the numbers come from", ""]
     for key, name, run in (("A", names[0], a), ("B", names[1], b)):
         out.append(f"- **{key} = {name}** (family `{run.family}`): `{run.directory}`"
@@ -281,7 +282,6 @@ def write_markdown(path: Path, a: RunResults, b: RunResults, names: tuple[str, s
             f"ECE: softmax of the logits in predictions.csv, {ECE_BINS} equal-width bins (Guo et al. 2017).", "",
             "## What this shows", "", summary_paragraph(names, numbers, classes, summaries), ""]
 
-    out += list(lead)
     if has_wise_ft_shift(a, b):
         out += wise_ft_section(names, (a, b))
     out += ["## Table 1: Overall metrics", ""]

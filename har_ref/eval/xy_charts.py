@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .drawing import (AXIS_GREY, AXIS_TITLE_PX, FAINT_GREY, GRID_GREY, MARGIN, TEXT_PX, TITLE_PX, WHITE, Box,
-                      draw_text, line_height, nice_ticks, paste_vertical_text, save_png, text_width, tick_decimals)
+                      draw_text, font, line_height, nice_ticks, paste_vertical_text, save_png, text_width,
+                      tick_decimals)
 
 CLIP_COLOR = (31, 119, 180)  # blue
 SIGLIP_COLOR = (230, 110, 0)  # orange
@@ -199,12 +200,15 @@ def plot_wise_ft(curves: dict[str, Sequence[tuple[float, float, float]]], path,
     for name, curve in curves.items():
         points = sorted(curve)
         _polyline(draw, [chart.px(x, y) for _, x, y in points], colors[name])
-        for alpha, x, y in points:
+    for name, curve in curves.items():  # labels after every line, on white, below the rising curves
+        for alpha, x, y in curve:
             label = {0.0: "zero-shot", 1.0: "fine-tuned", 0.5: "alpha 0.5"}.get(round(alpha, 6))
             if label:
                 px, py = chart.px(x, y)
                 draw.ellipse((px - 6, py - 6, px + 6, py + 6), outline=colors[name], width=2)
-                draw_text(draw, (round(px) + 9, round(py) - 4), label, TEXT_PX, fill=colors[name], anchor="ld")
+                at, anchor = ((round(px) - 8, round(py) + 6), "rt") if alpha == 0 else ((round(px) + 8, round(py) + 6), "lt")
+                draw.rectangle(draw.textbbox(at, label, font=font(TEXT_PX), anchor=anchor), fill=WHITE)
+                draw_text(draw, at, label, TEXT_PX, fill=colors[name], anchor=anchor)
     return save_png(chart.canvas, path)
 
 
