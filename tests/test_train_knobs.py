@@ -288,6 +288,8 @@ def test_resume_auto_refuses_a_run_of_other_options_in_one_sentence(tiny_weights
                                           "--lock", "image", "--resume", "auto")))
     assert "--loss 'clip' there, 'siglip' now" in err  # the first option that differs
     assert file_bytes(out) == before
+    err = one_error(capsys, main(cli_args(tiny_weights, data_dir, tiny_weights["clip"], "clip", "--resume", "auto")))
+    assert "is the --weights directory" in err
     err = one_error(capsys, main(cli_args(tiny_weights, data_dir, out, "clip", "--resume", "sometimes")))
     assert "--resume takes no value or auto" in err
     for flag, value in (("--loss", "softmax"), ("--lock", "both"), ("--clamp-logit-scale", "100")):

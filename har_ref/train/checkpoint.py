@@ -156,11 +156,15 @@ def truncate_log(log: Path, epochs_done: int) -> None:
     os.replace(tmp, log)
 
 
+def refuse_weights_as_out(out: Path, weights: Path) -> None:
+    if out.resolve() == weights.resolve():
+        raise ValueError(f"--out {out} is the --weights directory; write the run to another directory.")
+
+
 def prepare_run_directory(out: Path, weights: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
     """Refuse to mix two runs in one directory: a new run needs an empty (or run-free) OUT unless
     --overwrite; --resume needs a checkpoint and the same settings as the run it continues."""
-    if out.resolve() == weights.resolve():
-        raise ValueError(f"--out {out} is the --weights directory; write the run to another directory.")
+    refuse_weights_as_out(out, weights)
     if resume and overwrite:
         raise ValueError("--resume and --overwrite contradict each other; pass one of them.")
     present = [name for name in RUN_FILES if (out / name).exists()]
@@ -197,6 +201,7 @@ def auto_resume(out: Path, weights: Path, data: Path, cfg: TrainConfig) -> str:
     "restart"   OUT holds this run's first files but no checkpoint yet: start it again.
     "finished"  OUT holds this run, finished (its metrics written, the checkpoint at the last epoch): leave it.
     A run of other options is refused with ValueError, naming the first option that differs."""
+    refuse_weights_as_out(out, weights)
     if not [name for name in RUN_FILES if (out / name).exists()]:
         return "fresh"
     if not (out / "train_config.json").is_file():
