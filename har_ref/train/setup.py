@@ -184,7 +184,7 @@ def reread_micro_batch(run: Run, epoch: int, indices: list[int]) -> MicroBatch:
 
 def explain_batch(run: Run) -> None:
     cfg = run.cfg
-    n = len(run.dataset) * dist.world_size()
+    n = len(run.dataset)  # every rank holds the whole training set (its sampler draws the rank's share)
     eff = cfg.effective_batch * dist.world_size()
     locked = f"; {cfg.lock} tower locked" if cfg.lock else ""
     print(f"[train] {run.model.cfg.name}{locked}: {n} training images, {len(run.class_names)} classes, "
