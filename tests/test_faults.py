@@ -147,7 +147,7 @@ def test_two_rank_cached_run_killed_and_resumed_equals_an_uninterrupted_one(weig
     assert outcome(out) == outcome(tmp_path / "reference")
 
 
-def test_two_rank_independent_run_killed_mid_step_resumes_to_the_same_weights(weights, data_dir, tmp_path):
+def test_two_rank_independent_run_killed_mid_step_resumes_to_the_same_weights(weights, data_dir, tmp_path, measured):
     """torchrun, 2 ranks, independent accumulation of 2 micro-batches, killed after micro-batch 5 whose
     last checkpoint (micro-batch 3) holds half a step: each rank's partial gradients differ, and the
     checkpoint keeps their sum (what the step's all-reduce uses). Equal up to summation order."""
@@ -161,8 +161,8 @@ def test_two_rank_independent_run_killed_mid_step_resumes_to_the_same_weights(we
     assert "at epoch 1, micro-batch 3" in resumed.stdout
     expected, got = read_safetensors(tmp_path / "reference" / "model.safetensors"), read_safetensors(out / "model.safetensors")
     worst = max((expected[k] - got[k]).abs().max().item() for k in expected)
-    print(f"[ddp] independent resume: max |uninterrupted - resumed| over all weights: {worst:.2e}")
-    assert worst < 1e-5
+    measured(f"[ddp] independent resume: max |uninterrupted - resumed| over all weights: {worst:.2e}")
+    assert worst < 2e-6  # measured 2.8e-7
 
 
 def checkpoint_micro_step(out: Path) -> int | None:
