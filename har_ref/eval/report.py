@@ -237,7 +237,7 @@ def wise_ft_section(names: tuple[str, str], runs: tuple[RunResults, RunResults])
              _f(p["shift"]["macro_f1"]), _f(p["validation"]["macro_f1"]) if "validation" in p else "-"]
             for name, run in zip(names, runs) for p in run.wise_ft]
     return (["## WiSE-FT: from zero-shot to fine-tuned, in distribution and under shift", "",
-             "Each run's weight-space mixes (1 − alpha)·zero-shot + alpha·fine-tuned in steps of 0.1, scored on "
+             "Each run's weight-space mixes (1 − alpha)·zero-shot + alpha·fine-tuned at each alpha of its curve, scored on "
              "the test split (ID), the shifted test split and the run's validation part of train, where the "
              "alpha to use is chosen (never on test).", ""]
             + _picture("wise_ft.png", "WiSE-FT: ID test accuracy (x) against shifted test accuracy (y), one point "
