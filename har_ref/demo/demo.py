@@ -109,6 +109,7 @@ def _epochs(path: Path) -> list[dict]:
 def run_demo(out: str | Path = "runs/demo", seed: int = 0) -> Path:
     """`make demo`: the world, both families' paths in parallel, the report and summary.json."""
     from ..eval.report import compare_runs
+    from ..eval.report_maps import ExplainInputs
 
     out = Path(out)
     start = time.perf_counter()
@@ -128,8 +129,9 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0) -> Path:
     watch(processes, out, start)
     precision = resolve_precision(fine_tune_config("clip", seed).precision, torch.device("cpu"))
     summary = summarize(out, seeds, time.perf_counter() - start, precision)
+    looks = ExplainInputs(data, zero_shot={f: out / "weights" / f for f in FAMILIES})  # maps from seed 0's runs
     report = compare_runs(out / "clip" / f"seed{seeds[0]}", out / "siglip" / f"seed{seeds[0]}", out / "report",
-                          lead=markdown(summary, seeds))
+                          lead=markdown(summary, seeds), explain=looks)
     summary["wall_seconds"] = round(time.perf_counter() - start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for family, rows in summary["families"].items():
