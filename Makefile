@@ -9,7 +9,7 @@ WEIGHTS ?= weights/$(MODEL)
 OUT ?= runs/$(MODEL)
 ARGS ?=
 
-.PHONY: setup test demo pretrain train compare bench bench-gpu clean
+.PHONY: setup test demo pretrain train compare study bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,18 @@ train: setup
 
 compare: setup
 	$(PY) -m har_ref compare runs/clip runs/siglip --out runs/compare
+
+# The seed study's claims as experiments (har_ref/study/claims.toml; docs/study.md): the demo's world and its
+# converted tiny checkpoints, made once, then the study, two runs at a time. Run it again to continue a stopped one.
+STUDY := runs/study
+study: setup $(STUDY)/data/boxes.json $(STUDY)/weights/clip/config.json $(STUDY)/weights/siglip/config.json
+	$(PY) -m har_ref study har_ref/study/claims.toml --out $(STUDY) --jobs 2
+
+$(STUDY)/data/boxes.json: | $(STAMP)
+	$(PY) -m har_ref synth --out $(STUDY)/data --overwrite
+
+$(STUDY)/weights/%/config.json: | $(STAMP)
+	$(PY) -m weights_conversion hf --src har_ref/demo/checkpoints/$* --out $(STUDY)/weights/$*
 
 bench: setup
 	$(PY) tests/bench/bench.py --out bench.json

@@ -1,4 +1,4 @@
-"""python -m har_ref {train,evaluate,linear-probe,compare,prompts,predict,explain,wise-ft,prepare,synth,pretrain,demo} ...
+"""python -m har_ref {train,evaluate,linear-probe,compare,prompts,predict,explain,wise-ft,prepare,synth,pretrain,demo,study} ...
 
 Every user error (missing weights, bad data layout, bad flag value) ends in one line on
 stderr and exit status 2, never a traceback.
@@ -169,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="offline demo: pretrained tiny CLIP and SigLIP, zero-shot, fine-tune, report")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("study", help="run a TOML plan of cells x seeds (each an ordinary run) and report every cell "
+                                     "against the baseline (har_ref/study/plan.py; the shipped plan of the study's "
+                                     "claims: har_ref/study/claims.toml)")
+    p.add_argument("plan", help="the plan (TOML)")
+    p.add_argument("--out", required=True, help="study directory: DIR/<cell>/seed<k>/, report.md, study.json")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, one thread each")
+    p.add_argument("--print-commands", action="store_true",
+                   help="print one shell command per run (each safe to re-run) for a scheduler, and run nothing")
+    p.add_argument("--report-only", action="store_true", help="run nothing: report the finished runs in DIR")
     return parser
 
 
@@ -241,6 +251,23 @@ def run(args) -> None:
     elif args.command == "demo":
         from .demo.demo import run_demo
         run_demo(args.out, seed=args.seed)
+    elif args.command == "study":
+        import time
+        from pathlib import Path
+
+        from .study.plan import load_plan
+        from .study.report import write_report
+        from .study.runner import print_commands, run_study
+        start, out = time.perf_counter(), Path(args.out)
+        plan = load_plan(args.plan)
+        if args.print_commands:
+            return print_commands(plan, out)
+        failures = [] if args.report_only else run_study(plan, out, args.jobs)
+        print(f"[study] wrote {write_report(plan, out, time.perf_counter() - start)}, {out / 'study.json'} and the "
+              "pictures beside them")
+        if failures:
+            raise ValueError(f"{len(failures)} run(s) failed, first {failures[0]}; fix it and run the same command "
+                             "again (finished runs are kept).")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,9 +35,9 @@ NOT_IN_THE_TREE = frozenset({
     # Files a run, a conversion, `prepare`, `synth`, `pretrain` or a benchmark writes into its output
     # directory (named alone or under a placeholder such as OUT/ or runs/demo/; `har_ref/...` paths must exist).
     "config.json", "train_config.json", "classes.json", "prompts.json", "metrics.json", "metrics_shift.json",
-    "comparison.json", "wise_ft_curve.json", "summary.json", "manifest.json", "prepare_report.json",
-    "prompt_ablation.json", "best_prompts.json", "report.md", "prompt_ablation.md", "pointing_game.json",
-    "bench.json", "boxes.json",
+    "comparison.json", "wise_ft_curve.json", "summary.json", "manifest.json",
+    "prepare_report.json", "prompt_ablation.json", "best_prompts.json", "report.md", "prompt_ablation.md",
+    "pointing_game.json", "bench.json", "boxes.json", "study.json",
     # ... and the tokenizer / processor files of a transformers checkpoint directory.
     "vocab.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "preprocessor_config.json", "processor_config.json",

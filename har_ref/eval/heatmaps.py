@@ -1,5 +1,6 @@
-"""Heatmaps drawn with Pillow alone: the confusion matrix and the prompt-ablation table (per-class score
-of each template). Each cell shows its value; a colour bar gives the scale.
+"""Heatmaps drawn with Pillow alone: the confusion matrix, the prompt-ablation table (per-class score
+of each template), a grid of scores and a table of signed differences (a study's towers x loss grid and
+per-class differences). Each cell shows its value; a colour bar gives the scale.
 """
 from __future__ import annotations
 
@@ -25,6 +26,21 @@ def colormap(t: float) -> tuple[int, int, int]:
     pos = min(max(float(t), 0.0), 1.0) * (len(_BLUES) - 1)
     i = min(int(pos), len(_BLUES) - 2)
     rgb = _BLUES[i] + (pos - i) * (_BLUES[i + 1] - _BLUES[i])
+    return tuple(int(round(c)) for c in rgb)
+
+
+# matplotlib's "RdBu" anchors: red below the middle, white at it, blue above (blue is better, as in Blues).
+_RED_BLUE = np.array(
+    [(103, 0, 31), (178, 24, 43), (214, 96, 77), (244, 165, 130), (253, 219, 199), (247, 247, 247),
+     (209, 229, 240), (146, 197, 222), (67, 147, 195), (33, 102, 172), (5, 48, 97)], dtype=np.float64,
+)
+
+
+def diverging_colormap(t: float) -> tuple[int, int, int]:
+    """Red-white-blue colour for t in [0, 1], white at 0.5, linear between the anchors."""
+    pos = min(max(float(t), 0.0), 1.0) * (len(_RED_BLUE) - 1)
+    i = min(int(pos), len(_RED_BLUE) - 2)
+    rgb = _RED_BLUE[i] + (pos - i) * (_RED_BLUE[i + 1] - _RED_BLUE[i])
     return tuple(int(round(c)) for c in rgb)
 
 
@@ -75,7 +91,8 @@ def heatmap_layout(row_labels: Sequence[str], col_labels: Sequence[str], title: 
     return HeatmapLayout(width, height, cell, grid_left, grid_top, rows, cols, row_boxes, col_boxes, bar)
 
 
-def _draw_heatmap(values, row_labels, col_labels, title, x_title, y_title, vmin, vmax, decimals, path):
+def _draw_heatmap(values, row_labels, col_labels, title, x_title, y_title, vmin, vmax, decimals, path,
+                  cmap=colormap):
     values = np.asarray(values, dtype=np.float64)
     if values.shape != (len(row_labels), len(col_labels)):
         raise ValueError(f"heatmap values have shape {values.shape} but there are {len(row_labels)} row and "
@@ -90,7 +107,7 @@ def _draw_heatmap(values, row_labels, col_labels, title, x_title, y_title, vmin,
     for r in range(layout.rows):
         for c in range(layout.cols):
             box = layout.cell_box(r, c)
-            color = colormap((values[r, c] - vmin) / span)
+            color = cmap((values[r, c] - vmin) / span)
             draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=color)
             # Exact zeros in grey so the non-zero (confused) cells stand out.
             ink = WHITE if _luminance(color) < 140 else (FAINT_GREY if values[r, c] == 0 else BLACK)
@@ -108,7 +125,7 @@ def _draw_heatmap(values, row_labels, col_labels, title, x_title, y_title, vmin,
                          center_y=(layout.grid_top + grid_bottom) // 2)
     left, top, right, bottom = layout.colorbar
     for y in range(top, bottom):  # top of the bar is vmax
-        draw.line((left, y, right - 1, y), fill=colormap((bottom - 1 - y) / max(bottom - 1 - top, 1)))
+        draw.line((left, y, right - 1, y), fill=cmap((bottom - 1 - y) / max(bottom - 1 - top, 1)))
     draw.rectangle((left, top, right - 1, bottom - 1), outline=AXIS_GREY)
     for t, text in zip(ticks, tick_text):
         y = round(bottom - 1 - (t - vmin) / span * (bottom - 1 - top))
@@ -133,3 +150,25 @@ def plot_prompt_heatmap(scores, class_names: Sequence[str], template_labels: Seq
     names = [display_name(n) for n in class_names]
     lo, hi = float(scores.min()), float(scores.max())
     return _draw_heatmap(scores, names, list(template_labels), title, "Prompt template", "Class", lo, hi, 3, path)
+
+
+def plot_score_grid(values, row_labels: Sequence[str], col_labels: Sequence[str], title: str, x_title: str,
+                    y_title: str, path):
+    """A small table of scores (e.g. macro-F1 per towers x loss); the colour scale spans the data's min..max.
+
+    Returns (image, HeatmapLayout); the PNG is written to `path`."""
+    values = np.asarray(values, dtype=np.float64)
+    return _draw_heatmap(values, list(row_labels), list(col_labels), title, x_title, y_title,
+                         float(values.min()), float(values.max()), 3, path)
+
+
+def plot_difference_heatmap(values, row_labels: Sequence[str], col_labels: Sequence[str], title: str,
+                            x_title: str, y_title: str, path):
+    """Signed differences (e.g. per-class F1, cell - baseline) on a red-white-blue scale symmetric about 0:
+    white is no change, blue a gain, red a loss. Class names as labels read as display names.
+
+    Returns (image, HeatmapLayout); the PNG is written to `path`."""
+    values = np.asarray(values, dtype=np.float64)
+    largest = float(np.abs(values).max()) or 1e-3
+    return _draw_heatmap(values, list(row_labels), [display_name(c) for c in col_labels], title, x_title, y_title,
+                         -largest, largest, 3, path, cmap=diverging_colormap)

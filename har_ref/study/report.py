@@ -1,0 +1,300 @@
+"""A study's results: DIR/study.json, DIR/report.md and the pictures beside it, from whatever runs are
+finished (missing seeds are listed, never guessed).
+
+Per cell and split ("id": the test split, "shift": the shifted test split), macro-F1 per seed, their mean
+and sd, the 95% bootstrap CI of the mean (eval/multi_seed.py::score), the mean per-class F1, and the
+difference cell - baseline (eval/multi_seed.py::difference): a paired bootstrap over the test images, the
+same draw for every seed pair (seed k against seed k; a single run, zero-shot, against every seed), and
+McNemar's exact p on the discordant pairs pooled over the seed pairs.
+
+study.json:
+    {"plan", "baseline", "wall_seconds" (this invocation of the study command), "controls": [controls()],
+     "cells": [{"name", "kind", "options" (the cell's own options), "resolved" (every option of its runs),
+                "seeds", "missing" (seeds without a finished run),
+                "id": {"macro_f1": [per seed], "mean", "sd", "ci95", "per_class_f1": {class: mean}} | null,
+                "shift": {same} | null,
+                "vs_baseline": {"id": {"macro_f1": d, "ci95": [lo, hi], "mcnemar_p": p, "seed_pairs": n} | null,
+                                "shift": {same} | null},
+                "reference": the plan's reference cell | null, "vs_reference": {"id", "shift"} as vs_baseline | null,
+                "schedule": schedule() (train cells only)}]}
+
+Pictures: macro-F1 against the negatives per step (negatives_id.png, negatives_shift.png), the towers x
+loss grid (towers_x_loss.png), and the per-class F1 differences to the baseline (class_differences_id.png,
+class_differences_shift.png). Cells enter a picture by their options, not by name: the negatives picture
+holds the train cells that differ from the baseline in the loss and the batch and memory settings only;
+the towers x loss grid those that differ in the checkpoint and the loss only.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..data.folders import build_splits, hold_out
+from ..eval.heatmaps import plot_difference_heatmap, plot_score_grid
+from ..eval.multi_seed import difference, predictions, score
+from ..eval.metrics import compute_metrics
+from ..eval.run_results import read_log
+from ..eval.xy_charts import plot_lines_with_bands
+from ..train.checkpoint import RESUMABLE_CHANGES
+from .plan import Cell, Plan
+from .runner import finished
+
+SPLITS = {"id": "", "shift": "_shift"}  # study.json key -> the run directory's file suffix
+SPLIT_NAMES = {"id": "test split (ID)", "shift": "shifted test split"}
+LOSS_NAMES = {"clip": "InfoNCE", "siglip": "sigmoid"}
+LOSS_LINES = {"clip": "InfoNCE (CLIP's loss)", "siglip": "sigmoid (SigLIP's loss)"}  # CLIP blue, SigLIP orange
+TOWER_NAMES = {"clip": "CLIP towers", "siglip": "SigLIP towers"}
+LOSS_KEYS = ("loss", "logit_bias_init")  # the loss, and where a sigmoid loss's b starts
+NEGATIVES_KEYS = ("micro_batch", "accum_steps", "xbm_size", "xbm_warmup_steps")
+TOWER_KEYS = ("weights", "model")
+
+
+# ---------------------------------------------------------------- the numbers
+
+def finished_runs(cell: Cell, out: Path) -> dict[int, Path]:
+    return {seed: cell.run(out, seed).directory for seed in cell.seeds if finished(cell, cell.run(out, seed))}
+
+
+def split_result(runs: list[Path], suffix: str) -> dict:
+    """Macro-F1 per seed, mean, sd, the CI of the mean, and the mean per-class F1 over seeds."""
+    s = score(runs, suffix)
+    y_true, pred, class_names, _ = predictions(runs, suffix)
+    per_class = np.mean([[m["per_class"][c]["f1"] for c in class_names]
+                         for m in (compute_metrics(y_true, p, class_names) for p in pred)], axis=0)
+    return {"macro_f1": s["seeds_macro_f1"], "mean": s["macro_f1"], "sd": s["sd_macro_f1"], "ci95": s["ci95"],
+            "per_class_f1": {c: float(v) for c, v in zip(class_names, per_class)}}
+
+
+def versus(baseline: dict[int, Path], runs: dict[int, Path], suffix: str) -> dict | None:
+    """cell - baseline: seed k against seed k over the seeds both finished; a single run against every seed."""
+    if len(baseline) == 1 or len(runs) == 1:
+        a, b = list(baseline.values()), list(runs.values())
+    else:
+        common = sorted(set(baseline) & set(runs))
+        a, b = [baseline[s] for s in common], [runs[s] for s in common]
+    if not a or not b:
+        return None
+    d = difference(a, b, suffix)
+    return {"macro_f1": d["macro_f1"], "ci95": d["ci95"], "mcnemar_p": d["mcnemar_p"],
+            "seed_pairs": max(len(a), len(b))}
+
+
+def schedule(cell: Cell, runs: dict[int, Path]) -> dict:
+    """What a train cell's options make of its training set (train/loop.py, train/xbm.py): micro-batches of
+    micro_batch images (a partial last one dropped), an optimizer step every accum_steps of them (and one for
+    a partial rest at the end), the contrastive batch (the effective batch in cached mode, the micro-batch in
+    independent mode), and the step the memory joins: it is read from the enqueue after xbm_warmup_steps
+    enqueues (and never while empty), and enqueues count steps in cached mode, micro-batches in independent
+    mode. Counted from the file list of train/ (an unreadable image, which train skips, counts here)."""
+    cfg = cell.resolved
+    images = len(hold_out(build_splits(cfg["data"])[0], cfg["val_fraction"])[0])
+    micro_batches = cfg["epochs"] * (images // cfg["micro_batch"])
+    steps = math.ceil(micro_batches / cfg["accum_steps"])
+    cached = cfg["accum_mode"] == "cached"
+    batch = cfg["micro_batch"] * cfg["accum_steps"] if cached else cfg["micro_batch"]
+    joins = None
+    if cfg["xbm_size"]:
+        first_read = max(cfg["xbm_warmup_steps"], 1) + 1  # the enqueue whose batch first reads the memory
+        joins = first_read if cached else math.ceil(first_read / cfg["accum_steps"])
+    logs = [read_log(d / "log.jsonl") for d in runs.values()]
+    return {"train_images": images, "images_seen": micro_batches * cfg["micro_batch"], "contrastive_batch": batch,
+            "memory": cfg["xbm_size"], "negatives_per_step": batch + cfg["xbm_size"], "steps": steps,
+            "memory_joins_at_step": joins if joins is not None and joins <= steps else None,
+            "memory_rows_at_end": [log[-1]["memory_rows"] for log in logs if log],
+            "logit_scale_at_end": [log[-1]["logit_scale"] for log in logs if log]}
+
+
+def gather(plan: Plan, out: Path, wall_seconds: float) -> dict:
+    """study.json's dict from the finished runs under OUT."""
+    finished = {cell.name: finished_runs(cell, out) for cell in plan.cells}
+    baseline = finished[plan.baseline]
+    cells = []
+    for cell in plan.cells:
+        runs = finished[cell.name]
+        entry = {"name": cell.name, "kind": cell.kind, "options": cell.options, "resolved": cell.resolved,
+                 "seeds": cell.seeds, "missing": [s for s in cell.seeds if s not in runs]}
+        suffixes = {split: suffix for split, suffix in SPLITS.items()
+                    if runs and (next(iter(runs.values())) / f"predictions{suffix}.csv").is_file()}
+        for split in SPLITS:
+            entry[split] = split_result(list(runs.values()), SPLITS[split]) if split in suffixes else None
+        entry["vs_baseline"] = {split: versus(baseline, runs, SPLITS[split]) if split in suffixes and baseline
+                                else None for split in SPLITS}
+        reference = finished.get(cell.reference)
+        entry["reference"] = cell.reference
+        entry["vs_reference"] = None if cell.reference is None else {
+            split: versus(reference, runs, SPLITS[split]) if split in suffixes and reference else None
+            for split in SPLITS}
+        if cell.kind == "train":
+            entry["schedule"] = schedule(cell, runs)
+        cells.append(entry)
+    return {"plan": str(plan.path), "baseline": plan.baseline, "cells": cells, "controls": controls(plan, out),
+            "wall_seconds": round(wall_seconds, 1)}
+
+
+def controls(plan: Plan, out: Path) -> list[dict]:
+    """The harness's two controls, each against the zero-shot cell of the same checkpoint: a 0-epoch run must
+    predict exactly as zero-shot (predictions files equal byte for byte), and a run on shuffled labels must
+    fall below zero-shot by more than the CI (the CI of shuffled - zero-shot below 0)."""
+    found = []
+    for cell in plan.cells:
+        if cell.kind != "train" or not (cell.resolved["epochs"] == 0 or cell.resolved["shuffle_labels"]):
+            continue
+        zero_shot = next((z for z in plan.cells if z.kind == "zero-shot"
+                          and z.resolved["weights"] == cell.resolved["weights"]), None)
+        runs = finished_runs(cell, out)
+        reference = finished_runs(zero_shot, out) if zero_shot else {}
+        entry = {"cell": cell.name, "zero_shot": zero_shot.name if zero_shot else None,
+                 "test": "equals zero-shot" if cell.resolved["epochs"] == 0 else "below zero-shot"}
+        for split, suffix in SPLITS.items():
+            if not runs or not reference or not (next(iter(reference.values())) / f"predictions{suffix}.csv").is_file():
+                entry[split] = None
+            elif cell.resolved["epochs"] == 0:
+                zs = (next(iter(reference.values())) / f"predictions{suffix}.csv").read_bytes()
+                same = [(d / f"predictions{suffix}.csv").read_bytes() == zs for d in runs.values()]
+                entry[split] = {"identical_runs": sum(same), "runs": len(same), "holds": all(same)}
+            else:
+                d = versus(reference, runs, suffix)
+                classes = predictions(list(runs.values()), suffix)[2]
+                entry[split] = {**d, "holds": d["ci95"][1] < 0, "chance_macro_f1": 1 / len(classes)}
+        found.append(entry)
+    return found
+
+
+# ---------------------------------------------------------------- the pictures
+
+def differs_only_in(cell: Cell, baseline: Cell, keys: tuple[str, ...]) -> bool:
+    return cell.kind == "train" == baseline.kind and all(
+        cell.resolved[k] == baseline.resolved.get(k) for k in cell.resolved if k not in keys + tuple(RESUMABLE_CHANGES))
+
+
+def draw_pictures(plan: Plan, study: dict, out: Path) -> list[str]:
+    """The pictures the results allow, written under OUT; returns their file names."""
+    baseline, drawn = plan.cell(plan.baseline), []
+    entries = {e["name"]: e for e in study["cells"]}
+    for split in SPLITS:
+        negatives = [(c, entries[c.name]) for c in plan.cells if differs_only_in(c, baseline, LOSS_KEYS + NEGATIVES_KEYS)
+                     and entries[c.name][split]]
+        lines: dict[str, list] = {}
+        for cell, e in negatives:
+            lines.setdefault(LOSS_LINES[cell.resolved["loss"]], []).append(
+                (e["schedule"]["negatives_per_step"], e[split]["mean"], *e[split]["ci95"]))
+        if sum(len(points) for points in lines.values()) >= 2:
+            name = f"negatives_{split}.png"
+            plot_lines_with_bands(lines, out / name, f"Macro-F1 on the {SPLIT_NAMES[split]} against the negatives",
+                                  "Negatives per step: contrastive batch + memory (log scale)",
+                                  "Macro-F1 (mean over seeds, 95% CI band)", log_x=True)
+            drawn.append(name)
+    grid = {}
+    for cell in plan.cells:
+        if differs_only_in(cell, baseline, LOSS_KEYS + TOWER_KEYS) and entries[cell.name]["id"]:
+            grid.setdefault((cell.resolved["model"], cell.resolved["loss"]), entries[cell.name])
+    splits = [s for s in SPLITS if all(e[s] for e in grid.values())]
+    if len(grid) == 4:
+        columns = [(split, loss) for split in splits for loss in LOSS_NAMES]
+        values = [[grid[(towers, loss)][split]["mean"] for split, loss in columns] for towers in TOWER_NAMES]
+        plot_score_grid(values, list(TOWER_NAMES.values()), [f"{LOSS_NAMES[loss]}, {split}" for split, loss in columns],
+                        "Towers x loss: macro-F1, mean over seeds", "Loss, split", "Towers", out / "towers_x_loss.png")
+        drawn.append("towers_x_loss.png")
+    base_entry = entries[plan.baseline]
+    for split in SPLITS:
+        rows = [e for e in study["cells"] if e["name"] != plan.baseline and e[split]]
+        if not base_entry[split] or not rows:
+            continue
+        classes = list(base_entry[split]["per_class_f1"])
+        values = [[e[split]["per_class_f1"][c] - base_entry[split]["per_class_f1"][c] for c in classes] for e in rows]
+        name = f"class_differences_{split}.png"
+        plot_difference_heatmap(values, [e["name"] for e in rows], classes,
+                                f"Per-class F1, cell - {plan.baseline}, {SPLIT_NAMES[split]}", "Class", "Cell",
+                                out / name)
+        drawn.append(name)
+    return drawn
+
+
+# ---------------------------------------------------------------- report.md
+
+def fmt_score(result: dict | None) -> str:
+    if not result:
+        return "-"
+    return f"{result['mean']:.3f} ± {result['sd']:.3f} (n={len(result['macro_f1'])})"
+
+
+def fmt_difference(d: dict | None) -> str:
+    if not d:
+        return "-"
+    return f"{d['macro_f1']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], p = {d['mcnemar_p']:.2g}"
+
+
+def fmt_options(options: dict) -> str:
+    return ", ".join(f"{k} = {v!r}" for k, v in options.items()) or "[base]"
+
+
+def markdown(plan: Plan, study: dict, pictures: list[str]) -> str:
+    cells = study["cells"]
+    lines = [f"# Study: {plan.path}", "",
+             f"{len(cells)} cells, seeds {plan.seeds}. Every difference is macro-F1, cell - baseline (`{plan.baseline}`) "
+             "or cell - its reference cell, with its 95% CI from a paired bootstrap over seeds and test images (the "
+             "same draw for every seed pair) and McNemar's exact p on the discordant pairs pooled over seed pairs.",
+             "", "| cell | kind | options (over [base]) | reference | seeds finished |", "|---|---|---|---|---|"]
+    for e in cells:
+        done = [s for s in e["seeds"] if s not in e["missing"]]
+        lines.append(f"| {e['name']} | {e['kind']} | {fmt_options(e['options'])} | {e['reference'] or '-'} | "
+                     f"{len(done)} of {len(e['seeds'])} |")
+    for split in SPLITS:
+        lines += ["", f"## Macro-F1 on the {SPLIT_NAMES[split]}", "",
+                  "| cell | mean ± sd over seeds (n) | cell - baseline [95% CI], McNemar p | cell - reference [95% CI], "
+                  "McNemar p |", "|---|---|---|---|"]
+        for e in cells:
+            versus_reference = (e["vs_reference"] or {}).get(split)
+            lines.append(f"| {e['name']} | {fmt_score(e[split])} | {fmt_difference(e['vs_baseline'][split])} | "
+                         + (f"{e['reference']}: {fmt_difference(versus_reference)}" if e["reference"] else "-") + " |")
+    lines += ["", "## Training schedules: batch, memory, steps", "",
+              "Per train cell: the contrastive batch (cached accumulation: the effective batch; independent: the "
+              "micro-batch), the memory, images seen, the optimizer steps made and the step the memory joined "
+              "(after its warm-up; `never` if it did not), and per seed the memory's rows and t (the log of the "
+              "logit scale; CLIP's clamp is at ln 100 = 4.605) at the end of training.", "",
+              "| cell | loss | batch | memory | negatives per step | images seen | steps | memory joins at step "
+              "| memory rows at the end | t at the end |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in cells:
+        s = e.get("schedule")
+        if s:
+            joins = "-" if not s["memory"] else s["memory_joins_at_step"] or "never"
+            lines.append(f"| {e['name']} | {LOSS_NAMES[e['resolved']['loss']]} | {s['contrastive_batch']} | "
+                         f"{s['memory']} | {s['negatives_per_step']} | {s['images_seen']} | {s['steps']} | {joins} | "
+                         f"{', '.join(map(str, s['memory_rows_at_end'])) or '-'} | "
+                         f"{', '.join(f'{t:.3f}' for t in s['logit_scale_at_end']) or '-'} |")
+    lines += ["", "## Controls", ""]
+    for c in study["controls"]:
+        for split in SPLITS:
+            r = c[split]
+            if r is None:
+                lines.append(f"- {c['cell']} ({split}): not available (no finished run, or no zero-shot cell of "
+                             "the same checkpoint).")
+            elif c["test"] == "equals zero-shot":
+                lines.append(f"- {c['cell']} ({split}): predictions identical to {c['zero_shot']}'s in "
+                             f"{r['identical_runs']} of {r['runs']} runs: " + ("holds." if r["holds"] else
+                                                                             "FAILS: the harness is wrong."))
+            else:
+                lines.append(f"- {c['cell']} ({split}): {c['cell']} - {c['zero_shot']} = {fmt_difference(r)} "
+                             f"(chance macro-F1 about {r['chance_macro_f1']:.3f}): " +
+                             ("below zero-shot by more than the CI, holds." if r["holds"] else
+                              "NOT below zero-shot by more than the CI: the harness cannot see a difference."))
+    if pictures:
+        lines += ["", "## Pictures", ""] + [f"![{p}]({p})" for p in pictures]
+    missing = [(e["name"], s) for e in cells for s in e["missing"]]
+    lines += ["", "## Missing runs", ""]
+    lines += [f"- {name} seed {seed}" for name, seed in missing] or ["None: every cell has every seed."]
+    lines += ["", f"Wall time of this invocation: {study['wall_seconds']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(plan: Plan, out: Path, wall_seconds: float) -> Path:
+    """DIR/study.json, DIR/report.md and the pictures; returns the report's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    study = gather(plan, out, wall_seconds)
+    (out / "study.json").write_text(json.dumps(study, indent=2) + "\n")
+    pictures = draw_pictures(plan, study, out)
+    (out / "report.md").write_text(markdown(plan, study, pictures))
+    return out / "report.md"
