@@ -80,7 +80,8 @@ def _panel_image(panel: Panel, class_names: list[str], ticks: list[float], span:
     draw = ImageDraw.Draw(chart.canvas)
     for i in np.random.default_rng(seed).permutation(len(panel.images)):  # no class always drawn on top
         x, y = chart.px(*panel.images[i])
-        draw.ellipse((x - DOT_RADIUS, y - DOT_RADIUS, x + DOT_RADIUS, y + DOT_RADIUS), fill=class_colour(panel.labels[i]))
+        draw.ellipse((x - DOT_RADIUS, y - DOT_RADIUS, x + DOT_RADIUS, y + DOT_RADIUS),
+                     fill=class_colour(panel.labels[i]))
     r = TEXT_MARK_RADIUS
     middle = (chart.area[0] + chart.area[2]) / 2
     for k, point in enumerate(panel.texts):  # a diamond per class text, outlined, its name on the inner side

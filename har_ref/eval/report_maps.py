@@ -32,7 +32,7 @@ from ..model.dual_encoder import DualEncoder, load_model
 from ..model.tokenizer import load_tokenizer
 from ..model.transforms import build_transform, load_image, normalize_uint8, to_uint8_resized
 from .compare_viz import density, fitted, legend_top, map_legend, map_overlay
-from .drawing import (AXIS_TITLE_PX, BLACK, FAINT_GREY, GREEN, GRID_GREY, MARGIN, RED, TEXT_PX, TITLE_PX, WHITE,
+from .drawing import (BLACK, FAINT_GREY, GREEN, GRID_GREY, MARGIN, RED, TEXT_PX, TITLE_PX, WHITE,
                       display_name, draw_text, line_height, save_png, text_width)
 from .embed import class_embeddings
 from .embedding_map import Panel, pca_2d, plot_embedding_map, project
@@ -204,7 +204,8 @@ def pair_picture(title: list[str], columns: list[tuple[str, str, int]], scales: 
         shown = fitted(b["image"], CELL_PX)
         canvas.paste(shown, (MARGIN, y + GAP))
         lines = [(f"GT: {display_name(b['true'])}", BLACK)]
-        lines += [(f"{run}: {display_name(p)}", GREEN if p == b["true"] else RED) for run, p in b["predictions"].items()]
+        lines += [(f"{run}: {display_name(p)}", GREEN if p == b["true"] else RED)
+                  for run, p in b["predictions"].items()]
         lines += [(b["caption"], FAINT_GREY)]
         for k, (text, colour) in enumerate(lines):
             draw_text(draw, (MARGIN, y + GAP + CELL_PX + 4 + k * lh), text, TEXT_PX, colour)
@@ -362,7 +363,7 @@ def explain_section(a: RunResults, b: RunResults, names: tuple[str, str], number
     index = {name: k for k, name in enumerate(a.class_names)}
     scans = {"test": scan(flat, a.paths, np.array([index[t] for t in a.true]), inputs.batch_size)}
     boxes = read_boxes(data)
-    if boxes is not None and (a.directory / "predictions_shift.csv").is_file():
+    if boxes is not None and (a.directory / "predictions_shift.csv").is_file():  # the shift split: pointing only
         shift = load_run(a.directory, "_shift")
         scans["test_shift"] = scan(flat, shift.paths, np.array([index[t] for t in shift.true]), inputs.batch_size)
     pairs = draw_pairs(a, names, numbers, models, scans["test"], data, out_dir, seed)
