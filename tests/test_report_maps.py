@@ -43,7 +43,7 @@ def test_pca_projection_equals_numpy_svd_of_the_stacked_embeddings():
     ours = project(stacked, mean, components)
     for k in range(2):  # an SVD's sign is arbitrary: numpy's column k, up to its sign
         sign = np.sign(ours[:, k] @ (u[:, k] * s[k]))
-        assert np.abs(ours[:, k] - sign * u[:, k] * s[k]).max() < 1e-12  # measured 1e-15
+        assert np.abs(ours[:, k] - sign * u[:, k] * s[k]).max() < 1e-13  # measured 5.4e-15
         assert np.abs(components[k]).argmax() == np.argmax(components[k])  # the largest entry is positive
     assert np.allclose(variance, s[:2] ** 2 / (s ** 2).sum(), rtol=0, atol=1e-15)
     # each set projects with the stacked set's mean and components: the panels share coordinates
@@ -161,7 +161,7 @@ def test_compare_runs_with_explain_inputs_writes_the_pictures_and_the_section(ti
         assert row["person"]["images"] == (60 if cells[0] == "test" else 30)  # every image has a person box
 
 
-def test_pointing_game_json_equals_the_maps_recomputed_image_by_image(tiny_study):
+def test_pointing_game_json_equals_the_maps_recomputed_image_by_image(tiny_study, measured):
     """The section reads each image once for every model (decoded once, resized once per input size);
     its numbers must be those of explain.py's attention_map through each model's own eval transform."""
     root, weights, _ = tiny_study
@@ -176,4 +176,6 @@ def test_pointing_game_json_equals_the_maps_recomputed_image_by_image(tiny_study
         sizes = [load_image(p).size for p in paths]
         for part in ("person", "prop"):
             share, _ = pointing_game(maps, [b[part] for b in found], sizes, model.cfg)
-            assert row[part]["map"] == pytest.approx(np.nanmean(share), abs=1e-6)  # measured 6e-8 (float32 maps)
+            difference = abs(row[part]["map"] - np.nanmean(share))
+            measured(f"report_maps: {family} {part} box share, section vs recomputed: {difference:.1e}")
+            assert difference <= 1e-12  # measured 0: the same float32 maps, averaged in another order
