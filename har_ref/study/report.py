@@ -260,7 +260,7 @@ def markdown(plan: Plan, study: dict, pictures: list[str]) -> str:
     for e in cells:
         s = e.get("schedule")
         if s:
-            joins = "-" if not s["memory"] else s["memory_joins_at_step"] or "never"
+            joins = "-" if not s["memory"] or not s["steps"] else s["memory_joins_at_step"] or "never"
             lines.append(f"| {e['name']} | {LOSS_NAMES[e['resolved']['loss']]} | {s['contrastive_batch']} | "
                          f"{s['memory']} | {s['negatives_per_step']} | {s['images_seen']} | {s['steps']} | {joins} | "
                          f"{', '.join(map(str, s['memory_rows_at_end'])) or '-'} | "
@@ -282,7 +282,9 @@ def markdown(plan: Plan, study: dict, pictures: list[str]) -> str:
                              ("below zero-shot by more than the CI, holds." if r["holds"] else
                               "NOT below zero-shot by more than the CI: the harness cannot see a difference."))
     if pictures:
-        lines += ["", "## Pictures", ""] + [f"![{p}]({p})" for p in pictures]
+        lines += ["", "## Pictures", "",
+                  "A band or whisker is one cell's own 95% CI. Whether two cells differ is the paired CI of the tables, "
+                  "narrower, since both cells are scored on the same images.", ""] + [f"![{p}]({p})" for p in pictures]
     missing = [(e["name"], s) for e in cells for s in e["missing"]]
     lines += ["", "## Missing runs", ""]
     lines += [f"- {name} seed {seed}" for name, seed in missing] or ["None: every cell has every seed."]
