@@ -121,7 +121,7 @@ def execute(plan: Plan, runs: list[Run], logs: Path, jobs: int) -> list[str]:
                 if process.returncode == 0 and finished(plan.cell(run.cell), run):
                     print(f"[study] {done}/{len(runs)} {run.cell} seed {run.seed}: finished in {took}", flush=True)
                     continue
-                last = (log.read_text(errors="replace").strip().splitlines() or ["(no output)"])[-1]
+                last = (log.read_text(errors="replace").strip().splitlines() or ["(no output)"])[-1].rstrip(".")
                 failures.append(f"{run.cell} seed {run.seed} (exit {process.returncode}: {last}; log {log})")
                 print(f"[study] {run.cell} seed {run.seed} failed after {took}: {last}; no new runs start",
                       file=sys.stderr, flush=True)
