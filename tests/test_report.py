@@ -81,12 +81,18 @@ def two_runs(test_images, tmp_path_factory):
     return report, logits_a, logits_b, test_images
 
 
-def test_report_numbers_equal_metrics_functions(two_runs):
+def scored(two_runs):
+    """(report text, true labels, each run's predictions, each run's metrics) of the two_runs fixture."""
     report, logits_a, logits_b, items = two_runs
-    md = report.read_text()
     y = np.array([c for _, c in items])
     pred_a, pred_b = logits_a.argmax(1), logits_b.argmax(1)
-    ma, mb = compute_metrics(y, pred_a, CLASSES), compute_metrics(y, pred_b, CLASSES)
+    return (report.read_text(), y, pred_a, pred_b, compute_metrics(y, pred_a, CLASSES),
+            compute_metrics(y, pred_b, CLASSES))
+
+
+def test_report_numbers_equal_metrics_functions(two_runs):
+    report, logits_a, logits_b, items = two_runs
+    md, y, pred_a, pred_b, ma, mb = scored(two_runs)
     assert pred_a.tolist() != pred_b.tolist()  # the comparison has something to show
     for name, m in (("CLIP", ma), ("SigLIP", mb)):
         row = f"| {name} | {m['macro_precision']:.3f} | {m['macro_recall']:.3f} | {m['macro_f1']:.3f} | {m['accuracy']:.3f} |"
@@ -125,10 +131,7 @@ def test_report_numbers_equal_metrics_functions(two_runs):
 
 def test_report_shows_the_one_sided_fraction_and_ends_with_a_b_minus_a_verdict_per_metric(two_runs):
     report, logits_a, logits_b, items = two_runs
-    md = report.read_text()
-    y = np.array([c for _, c in items])
-    pred_a, pred_b = logits_a.argmax(1), logits_b.argmax(1)
-    ma, mb = compute_metrics(y, pred_a, CLASSES), compute_metrics(y, pred_b, CLASSES)
+    md, y, pred_a, pred_b, ma, mb = scored(two_runs)
     boot = paired_bootstrap(y, pred_b, pred_a, CLASSES, RESAMPLES, 0)  # CLIP - SigLIP, as the report computes it
     p = mcnemar_exact(y, pred_a, pred_b)["p_value"]
     verdicts = md.rstrip().splitlines()[-2:]  # the report's last lines

@@ -8,6 +8,9 @@ class-specific map per --class. The top-3 are scored from the embedding of the m
 image goes through each tower once. Every map is drawn as mass per pixel of the image on one colour
 scale (compare_viz.py::map_overlay), so a 7x7 and a 14x14 grid read alike. Checkpoints, label
 spaces, image decoding and skipped files are predict's (predict.py::Predictor, decode_batch).
+
+The report's confused-pair pictures (report_maps.py::draw_pairs) are drawn here too, by pair_picture:
+images with their predictions, rows of maps under column titles, one colour scale per kind of map.
 """
 from __future__ import annotations
 
@@ -21,8 +24,8 @@ from PIL import Image, ImageDraw
 from ..model.config import ModelConfig
 from ..model.transforms import load_image
 from .compare_viz import PANEL_IMAGE_PX, density, fitted, legend_top, map_legend, map_overlay
-from .drawing import (FAINT_GREY, MARGIN, TEXT_PX, TITLE_PX, WHITE, display_name, draw_text, line_height,
-                      text_width)
+from .drawing import (BLACK, FAINT_GREY, GREEN, GRID_GREY, MARGIN, RED, TEXT_PX, TITLE_PX, WHITE, display_name,
+                      draw_text, line_height, save_png, text_width)
 from .explain import ATTENTION_MAP_NAMES, class_maps, pixel_mass, trace_image_tower, traced_attention_map
 from .predict import Predictor, collect_images, decode_batch, fmt, probabilities
 
@@ -144,3 +147,76 @@ def run_explain(weights: list[str], images: list[str], out: str | Path, explain_
         explain_picture(load_image(path), str(path), rows[path]).save(written[-1], format="PNG", compress_level=1)
         print(f"wrote {written[-1]}", flush=True)
     return written
+
+
+# ---------------------------------------------------------------------------- the report's pair pictures
+
+PAIR_CELL_PX = 160  # each image and map in the report's pair pictures (report_maps.py::draw_pairs)
+PAIR_GAP = 10
+
+
+def pair_picture(title: list[str], columns: list[tuple[str, str, int]], scales: list[str], blocks: list[dict],
+                 path) -> Image.Image:
+    """Per image a block: the image with its true class and each run's prediction (GREEN right, RED wrong),
+    then per run a row of maps under the column titles (None: an empty cell).
+
+    title: a line in TITLE_PX, then lines in TEXT_PX. columns: (stage, map, scale) with `scale` an index into
+    `scales`, the captions of the colour scales: the columns of one scale share it (attention maps before and
+    after fine-tuning on one, the class maps on another, so the sharper class maps do not darken the rest).
+    blocks: [{"image", "caption", "true", "predictions": {run: class}, "rows": [(label, [map])]}], each map the
+    mass per pixel of the image as `fitted(image, PAIR_CELL_PX)` draws it."""
+    vmax = [legend_top([float(density(row[c]).max()) for b in blocks for _, row in b["rows"]
+                        for c, column in enumerate(columns) if column[2] == k and row[c] is not None] or [1.0])
+            for k in range(len(scales))]
+    lh = line_height(TEXT_PX) + 4
+    cell = PAIR_CELL_PX + PAIR_GAP
+    left_w = max(PAIR_CELL_PX, *(text_width(t, TEXT_PX) for b in blocks for t in
+                            [b["caption"], f"GT: {display_name(b['true'])}"]
+                            + [f"{r}: {display_name(p)}" for r, p in b["predictions"].items()])) + 2 * PAIR_GAP
+    maps_w = max(len(columns) * cell, *(text_width(label, TEXT_PX) for b in blocks for label, _ in b["rows"]),
+                 *(c * cell + text_width(t, TEXT_PX) for c, column in enumerate(columns) for t in column[:2]))
+    row_h = lh + PAIR_CELL_PX + PAIR_GAP
+    block_h = [max(len(b["rows"]) * row_h, PAIR_CELL_PX + (2 + len(b["predictions"])) * lh) + 2 * PAIR_GAP for b in blocks]
+    width = max(MARGIN + left_w + maps_w + MARGIN, text_width(title[0], TITLE_PX) + 2 * MARGIN,
+                *(text_width(t, TEXT_PX) + 2 * MARGIN for t in title[1:]))
+    legends = [map_legend(v, width - 2 * MARGIN) for v in vmax]
+    header_top = MARGIN + line_height(TITLE_PX) + (len(title) - 1) * lh + 12
+    top = header_top + 2 * lh + 4
+    legends_h = sum(lh + legend.height + 8 for legend in legends)
+    canvas = Image.new("RGB", (max(width, *(legend.width + 2 * MARGIN for legend in legends)),
+                               top + sum(block_h) + legends_h + MARGIN), WHITE)
+    draw = ImageDraw.Draw(canvas)
+    draw_text(draw, (MARGIN, MARGIN), title[0], TITLE_PX)
+    for k, line in enumerate(title[1:]):
+        draw_text(draw, (MARGIN, MARGIN + line_height(TITLE_PX) + 4 + k * lh), line, TEXT_PX)
+    maps_left = MARGIN + left_w
+    for c, (stage, kind, _) in enumerate(columns):
+        draw_text(draw, (maps_left + c * cell, header_top), stage, TEXT_PX)
+        draw_text(draw, (maps_left + c * cell, header_top + lh), kind, TEXT_PX)
+    y = top
+    for b, h in zip(blocks, block_h):
+        draw.line((MARGIN, y, canvas.width - MARGIN, y), fill=GRID_GREY)
+        shown = fitted(b["image"], PAIR_CELL_PX)
+        canvas.paste(shown, (MARGIN, y + PAIR_GAP))
+        lines = [(f"GT: {display_name(b['true'])}", BLACK)]
+        lines += [(f"{run}: {display_name(p)}", GREEN if p == b["true"] else RED)
+                  for run, p in b["predictions"].items()]
+        lines += [(b["caption"], FAINT_GREY)]
+        for k, (text, colour) in enumerate(lines):
+            draw_text(draw, (MARGIN, y + PAIR_GAP + PAIR_CELL_PX + 4 + k * lh), text, TEXT_PX, colour)
+        for r, (label, row) in enumerate(b["rows"]):
+            row_top = y + PAIR_GAP + r * row_h
+            draw_text(draw, (maps_left, row_top), label, TEXT_PX)
+            for c, mass in enumerate(row):
+                x = maps_left + c * cell
+                if mass is None:
+                    draw_text(draw, (x, row_top + lh + PAIR_CELL_PX // 2), "(no weights given)", TEXT_PX, FAINT_GREY)
+                else:
+                    canvas.paste(map_overlay(shown, mass, vmax[columns[c][2]]), (x, row_top + lh))
+        y += h
+    for caption, legend in zip(scales, legends):
+        draw.line((MARGIN, y, canvas.width - MARGIN, y), fill=GRID_GREY)
+        draw_text(draw, (MARGIN, y + 4), caption, TEXT_PX)
+        canvas.paste(legend, (MARGIN, y + lh + 4))
+        y += lh + legend.height + 8
+    return save_png(canvas, path)

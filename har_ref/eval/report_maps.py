@@ -25,23 +25,20 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 from ..data.prompts import PromptBank
 from ..model.dual_encoder import DualEncoder, load_model
 from ..model.tokenizer import load_tokenizer
 from ..model.transforms import build_transform, load_image, normalize_uint8, to_uint8_resized
-from .compare_viz import density, fitted, legend_top, map_legend, map_overlay
-from .drawing import (BLACK, FAINT_GREY, GREEN, GRID_GREY, MARGIN, RED, TEXT_PX, TITLE_PX, WHITE,
-                      display_name, draw_text, line_height, save_png, text_width)
+from .compare_viz import fitted
+from .drawing import display_name
 from .embed import class_embeddings
 from .embedding_map import Panel, pca_2d, plot_embedding_map, project
 from .explain import ATTENTION_MAP_NAMES, class_maps, pixel_mass, pointing_game, trace_image_tower, traced_attention_map
+from .explain_viz import PAIR_CELL_PX, pair_picture
 from .run_results import RunResults, load_run
 
 PAIRS, IMAGES_PER_PAIR = 3, 4
-CELL_PX = 160  # each image and map in the pair pictures
-GAP = 10
 
 
 @dataclass
@@ -160,73 +157,6 @@ def pair_images(true: np.ndarray, preds: list[np.ndarray], i: int, j: int, count
     return picked + rest[:count - len(picked)]
 
 
-def pair_picture(title: list[str], columns: list[tuple[str, str, int]], scales: list[str], blocks: list[dict],
-                 path) -> Image.Image:
-    """Per image a block: the image with its true class and each run's prediction (GREEN right, RED wrong),
-    then per run a row of maps under the column titles (None: an empty cell).
-
-    title: a line in TITLE_PX, then lines in TEXT_PX. columns: (stage, map, scale) with `scale` an index into
-    `scales`, the captions of the colour scales: the columns of one scale share it (attention maps before and
-    after fine-tuning on one, the class maps on another, so the sharper class maps do not darken the rest).
-    blocks: [{"image", "caption", "true", "predictions": {run: class}, "rows": [(label, [map])]}], each map the
-    mass per pixel of the image as `fitted(image, CELL_PX)` draws it."""
-    vmax = [legend_top([float(density(row[c]).max()) for b in blocks for _, row in b["rows"]
-                        for c, column in enumerate(columns) if column[2] == k and row[c] is not None] or [1.0])
-            for k in range(len(scales))]
-    lh = line_height(TEXT_PX) + 4
-    cell = CELL_PX + GAP
-    left_w = max(CELL_PX, *(text_width(t, TEXT_PX) for b in blocks for t in
-                            [b["caption"], f"GT: {display_name(b['true'])}"]
-                            + [f"{r}: {display_name(p)}" for r, p in b["predictions"].items()])) + 2 * GAP
-    maps_w = max(len(columns) * cell, *(text_width(label, TEXT_PX) for b in blocks for label, _ in b["rows"]),
-                 *(c * cell + text_width(t, TEXT_PX) for c, column in enumerate(columns) for t in column[:2]))
-    row_h = lh + CELL_PX + GAP
-    block_h = [max(len(b["rows"]) * row_h, CELL_PX + (2 + len(b["predictions"])) * lh) + 2 * GAP for b in blocks]
-    width = max(MARGIN + left_w + maps_w + MARGIN, text_width(title[0], TITLE_PX) + 2 * MARGIN,
-                *(text_width(t, TEXT_PX) + 2 * MARGIN for t in title[1:]))
-    legends = [map_legend(v, width - 2 * MARGIN) for v in vmax]
-    header_top = MARGIN + line_height(TITLE_PX) + (len(title) - 1) * lh + 12
-    top = header_top + 2 * lh + 4
-    legends_h = sum(lh + legend.height + 8 for legend in legends)
-    canvas = Image.new("RGB", (max(width, *(legend.width + 2 * MARGIN for legend in legends)),
-                               top + sum(block_h) + legends_h + MARGIN), WHITE)
-    draw = ImageDraw.Draw(canvas)
-    draw_text(draw, (MARGIN, MARGIN), title[0], TITLE_PX)
-    for k, line in enumerate(title[1:]):
-        draw_text(draw, (MARGIN, MARGIN + line_height(TITLE_PX) + 4 + k * lh), line, TEXT_PX)
-    maps_left = MARGIN + left_w
-    for c, (stage, kind, _) in enumerate(columns):
-        draw_text(draw, (maps_left + c * cell, header_top), stage, TEXT_PX)
-        draw_text(draw, (maps_left + c * cell, header_top + lh), kind, TEXT_PX)
-    y = top
-    for b, h in zip(blocks, block_h):
-        draw.line((MARGIN, y, canvas.width - MARGIN, y), fill=GRID_GREY)
-        shown = fitted(b["image"], CELL_PX)
-        canvas.paste(shown, (MARGIN, y + GAP))
-        lines = [(f"GT: {display_name(b['true'])}", BLACK)]
-        lines += [(f"{run}: {display_name(p)}", GREEN if p == b["true"] else RED)
-                  for run, p in b["predictions"].items()]
-        lines += [(b["caption"], FAINT_GREY)]
-        for k, (text, colour) in enumerate(lines):
-            draw_text(draw, (MARGIN, y + GAP + CELL_PX + 4 + k * lh), text, TEXT_PX, colour)
-        for r, (label, row) in enumerate(b["rows"]):
-            row_top = y + GAP + r * row_h
-            draw_text(draw, (maps_left, row_top), label, TEXT_PX)
-            for c, mass in enumerate(row):
-                x = maps_left + c * cell
-                if mass is None:
-                    draw_text(draw, (x, row_top + lh + CELL_PX // 2), "(no weights given)", TEXT_PX, FAINT_GREY)
-                else:
-                    canvas.paste(map_overlay(shown, mass, vmax[columns[c][2]]), (x, row_top + lh))
-        y += h
-    for caption, legend in zip(scales, legends):
-        draw.line((MARGIN, y, canvas.width - MARGIN, y), fill=GRID_GREY)
-        draw_text(draw, (MARGIN, y + 4), caption, TEXT_PX)
-        canvas.paste(legend, (MARGIN, y + lh + 4))
-        y += lh + legend.height + 8
-    return save_png(canvas, path)
-
-
 def draw_pairs(a: RunResults, names: tuple[str, str], numbers: dict, models: list[list[Weights]], test: Scan,
                data: Path, out_dir: Path, seed: int) -> list[tuple[str, str]]:
     """One PNG per confused pair; returns [(file, caption)]."""
@@ -255,7 +185,7 @@ def draw_pairs(a: RunResults, names: tuple[str, str], numbers: dict, models: lis
             for k, (block, r) in enumerate(zip(blocks, rows)):
                 attention = {w.stage: test.maps[_index(models, w)][r] for w in run_models}
                 cells = [attention.get("zero-shot"), attention[tuned.stage], why[0][k], why[1][k]]
-                shown = fitted(block["image"], CELL_PX).size
+                shown = fitted(block["image"], PAIR_CELL_PX).size
                 block["rows"].append((label, [None if m is None else pixel_mass(m, block["image"].size, tuned.model.cfg,
                                                                                 shown) for m in cells]))
         runs_text = "; ".join(f"{name}: {ci} -> {cj} {int(c[i, j])}, {cj} -> {ci} {int(c[j, i])}"
