@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
 
 import har_ref
+from allocations import tensor_allocations
 from weights_conversion.hf import convert_hf
 
 EMB_TOL = 1e-6  # max |difference| of L2-normalized embeddings; measured <= 1.8e-7
@@ -141,6 +142,22 @@ def test_siglip_small_odd_sizes(tmp_path, act, measured):
     # the padding mask really changes SigLIP's text embedding (it attends to padding otherwise)
     with torch.no_grad():
         assert not torch.allclose(ours.encode_text(ids, mask), ours.encode_text(ids))
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_image_tower_inference_holds_no_more_memory_than_upstream(tmp_path, family):
+    """Inference keeps one activation alive at a time: the image tower's peak of live tensor bytes
+    (exact, from the profiler's allocation events) is at most transformers' on the same weights. It
+    fails if the patch embeddings outlive the blocks (held by a name while the blocks run)."""
+    torch.manual_seed(2)
+    up = (CLIPModel(small_clip()) if family == "clip" else SiglipModel(small_siglip())).eval()
+    ours = convert_upstream(up, tmp_path).eval()
+    size = up.config.vision_config.image_size
+    pixels = torch.randn(8, 3, size, size)
+    with torch.no_grad():
+        ours_peak = tensor_allocations(lambda: ours.encode_image(pixels))[1]
+        upstream_peak = tensor_allocations(lambda: up.get_image_features(pixel_values=pixels))[1]
+    assert ours_peak <= upstream_peak, f"{family}: {ours_peak} > {upstream_peak} bytes"
 
 
 @pytest.mark.parametrize("family", ["clip", "siglip"])

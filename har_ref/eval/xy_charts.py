@@ -53,9 +53,10 @@ def _new_chart(title, legend, x_ticks, y_ticks, x_labels, y_labels, x_title, y_t
     legend_h = line_height(TEXT_PX) + 12 if legend else 0
     left = MARGIN + line_height(AXIS_TITLE_PX) + 12 + max(text_width(s, TEXT_PX) for s in y_labels) + 8
     top = MARGIN + line_height(TITLE_PX) + 10 + legend_h + 12
-    area = (left, top, left + plot_size[0], top + plot_size[1])
-    x_label_w = max(text_width(s, TEXT_PX) for s in x_labels)
     legend_w = _legend_width(legend)
+    plot_w = max(plot_size[0], legend_w - left)  # a legend wider than the plot widens the plot, not a margin
+    area = (left, top, left + plot_w, top + plot_size[1])
+    x_label_w = max(text_width(s, TEXT_PX) for s in x_labels)
     width = max(area[2] + x_label_w // 2 + MARGIN, text_width(title, TITLE_PX) + 2 * MARGIN, legend_w + 2 * MARGIN)
     height = area[3] + 8 + line_height(TEXT_PX) + 10 + line_height(AXIS_TITLE_PX) + MARGIN
     canvas = Image.new("RGB", (width, height), WHITE)
@@ -213,10 +214,11 @@ def plot_wise_ft(curves: dict[str, Sequence[tuple[float, float, float]]], path,
 
 
 def plot_lines_with_bands(series: dict[str, Sequence[tuple[float, float, float, float]]], path, title: str,
-                          x_title: str, y_title: str, log_x: bool = False) -> Image.Image:
+                          x_title: str, y_title: str, log_x: bool = False,
+                          colors: dict[str, tuple[int, int, int]] | None = None) -> Image.Image:
     """One line per series through its (x, y, lo, hi) points in x order, over a shaded band from lo to hi
     (a 95% CI, say), each point's own lo..hi drawn as a whisker. With `log_x` the x axis is log10, its
-    ticks at 1, 2 and 5 times a power of 10."""
+    ticks at 1, 2 and 5 times a power of 10. `colors` (series name -> RGB) overrides model_colors."""
     if not series or not all(len(points) for points in series.values()):
         raise ValueError("plot_lines_with_bands needs at least one series with at least one (x, y, lo, hi) point.")
     xs = [p[0] for points in series.values() for p in points]
@@ -239,7 +241,7 @@ def plot_lines_with_bands(series: dict[str, Sequence[tuple[float, float, float, 
     ys = [v for points in series.values() for _, y, lo, hi in points for v in (y, lo, hi)]
     y_ticks = nice_ticks(min(ys), max(ys))
     digits = tick_decimals(y_ticks)
-    colors = model_colors(list(series))
+    colors = {**model_colors(list(series)), **(colors or {})}
     chart = _new_chart(title, [(name, colors[name], "line") for name in series], [fx(t) for t in ticks], y_ticks,
                        [f"{t:g}" for t in ticks], [f"{t:.{digits}f}" for t in y_ticks], x_title, y_title, x_range,
                        (y_ticks[0], y_ticks[-1]))

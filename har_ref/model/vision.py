@@ -96,7 +96,8 @@ class VisionTransformer(nn.Module):
 
     def siglip_path(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """SigLIP: patches + pos -> blocks -> ln_post -> the MAP head, which attends to every token."""
-        x = self.transformer(x + positions.to(x.dtype))
+        x = x + positions.to(x.dtype)  # rebinding x frees the patches before the blocks run (as in clip_path)
+        x = self.transformer(x)
         return self.head(self.ln_post(x))
 
     def position_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:

@@ -45,7 +45,9 @@ from .runner import finished
 SPLITS = {"id": "", "shift": "_shift"}  # study.json key -> the run directory's file suffix
 SPLIT_NAMES = {"id": "test split (ID)", "shift": "shifted test split"}
 LOSS_NAMES = {"clip": "InfoNCE", "siglip": "sigmoid"}
-LOSS_LINES = {"clip": "InfoNCE (CLIP's loss)", "siglip": "sigmoid (SigLIP's loss)"}  # CLIP blue, SigLIP orange
+# the negatives picture: a loss's colour (CLIP's blue, SigLIP's orange), darker for a larger batch
+LOSS_SHADES = {"clip": ((107, 174, 214), (31, 119, 180), (8, 48, 107)),
+               "siglip": ((253, 174, 107), (230, 110, 0), (140, 45, 4))}
 TOWER_NAMES = {"clip": "CLIP towers", "siglip": "SigLIP towers"}
 LOSS_KEYS = ("loss", "logit_bias_init")  # the loss, and where a sigmoid loss's b starts
 NEGATIVES_KEYS = ("micro_batch", "accum_steps", "xbm_size", "xbm_warmup_steps")
@@ -104,7 +106,8 @@ def schedule(cell: Cell, runs: dict[int, Path]) -> dict:
             "memory": cfg["xbm_size"], "negatives_per_step": batch + cfg["xbm_size"], "steps": steps,
             "memory_joins_at_step": joins if joins is not None and joins <= steps else None,
             "memory_rows_at_end": [log[-1]["memory_rows"] for log in logs if log],
-            "logit_scale_at_end": [log[-1]["logit_scale"] for log in logs if log]}
+            "logit_scale_at_end": [log[-1]["logit_scale"] for log in logs if log],
+            "logit_bias_at_end": [log[-1]["logit_bias"] for log in logs if log and log[-1]["logit_bias"] is not None]}
 
 
 def gather(plan: Plan, out: Path, wall_seconds: float) -> dict:
@@ -177,15 +180,21 @@ def draw_pictures(plan: Plan, study: dict, out: Path) -> list[str]:
     for split in SPLITS:
         negatives = [(c, entries[c.name]) for c in plan.cells if differs_only_in(c, baseline, LOSS_KEYS + NEGATIVES_KEYS)
                      and entries[c.name][split]]
-        lines: dict[str, list] = {}
+        lines: dict[tuple[str, int], list] = {}  # one line per loss and batch, through its memory sizes
         for cell, e in negatives:
-            lines.setdefault(LOSS_LINES[cell.resolved["loss"]], []).append(
-                (e["schedule"]["negatives_per_step"], e[split]["mean"], *e[split]["ci95"]))
+            s = e["schedule"]
+            lines.setdefault((cell.resolved["loss"], s["contrastive_batch"]), []).append(
+                (s["negatives_per_step"], e[split]["mean"], *e[split]["ci95"]))
         if sum(len(points) for points in lines.values()) >= 2:
             name = f"negatives_{split}.png"
-            plot_lines_with_bands(lines, out / name, f"Macro-F1 on the {SPLIT_NAMES[split]} against the negatives",
-                                  "Negatives per step: contrastive batch + memory (log scale)",
-                                  "Macro-F1 (mean over seeds, 95% CI band)", log_x=True)
+            order = sorted(lines)
+            shades = {key: LOSS_SHADES[key[0]][[k for k in order if k[0] == key[0]].index(key) % 3] for key in order}
+            plot_lines_with_bands({f"{LOSS_NAMES[loss]}, batch {batch}": lines[(loss, batch)] for loss, batch in order},
+                                  out / name, f"Macro-F1 on the {SPLIT_NAMES[split]} against the negatives",
+                                  "Negatives per step: contrastive batch + memory (log scale); "
+                                  "a line joins one batch's memory sizes",
+                                  "Macro-F1 (mean over seeds, 95% CI band)", log_x=True,
+                                  colors={f"{LOSS_NAMES[k[0]]}, batch {k[1]}": shades[k] for k in order})
             drawn.append(name)
     grid = {}
     for cell in plan.cells:
@@ -253,10 +262,10 @@ def markdown(plan: Plan, study: dict, pictures: list[str]) -> str:
     lines += ["", "## Training schedules: batch, memory, steps", "",
               "Per train cell: the contrastive batch (cached accumulation: the effective batch; independent: the "
               "micro-batch), the memory, images seen, the optimizer steps made and the step the memory joined "
-              "(after its warm-up; `never` if it did not), and per seed the memory's rows and t (the log of the "
-              "logit scale; CLIP's clamp is at ln 100 = 4.605) at the end of training.", "",
-              "| cell | loss | batch | memory | negatives per step | images seen | steps | memory joins at step "
-              "| memory rows at the end | t at the end |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "(after its warm-up; `never` if it did not), and per seed the memory's rows, t (the log of the "
+              "logit scale; CLIP's clamp is at ln 100 = 4.605) and the sigmoid loss's b at the end of training.",
+              "", "| cell | loss | batch | memory | negatives per step | images seen | steps | memory joins at step "
+              "| memory rows at the end | t at the end | b at the end |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in cells:
         s = e.get("schedule")
         if s:
@@ -264,7 +273,8 @@ def markdown(plan: Plan, study: dict, pictures: list[str]) -> str:
             lines.append(f"| {e['name']} | {LOSS_NAMES[e['resolved']['loss']]} | {s['contrastive_batch']} | "
                          f"{s['memory']} | {s['negatives_per_step']} | {s['images_seen']} | {s['steps']} | {joins} | "
                          f"{', '.join(map(str, s['memory_rows_at_end'])) or '-'} | "
-                         f"{', '.join(f'{t:.3f}' for t in s['logit_scale_at_end']) or '-'} |")
+                         f"{', '.join(f'{t:.3f}' for t in s['logit_scale_at_end']) or '-'} | "
+                         f"{', '.join(f'{b:.3f}' for b in s.get('logit_bias_at_end', [])) or '-'} |")
     lines += ["", "## Controls", ""]
     for c in study["controls"]:
         for split in SPLITS:
