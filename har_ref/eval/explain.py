@@ -32,10 +32,10 @@ ATTENTION_MAP_NAMES = {"clip": "attention rollout", "siglip": "probe attention (
 
 @dataclass
 class Trace:
-    """The image tower's output and every attention probability that produced it."""
+    """The image tower's output and the attention probabilities its maps are made of."""
 
     embedding: torch.Tensor  # [B, D], projected, as encode_image returns it
-    blocks: list[torch.Tensor]  # per block [B, heads, L, L]; CLIP's token 0 is the class token
+    blocks: list[torch.Tensor]  # CLIP: per block [B, heads, L, L], token 0 the class token; SigLIP: [] (unused)
     probe: torch.Tensor | None  # SigLIP: the MAP probe's weights over the patches [B, heads, N]; CLIP: None
     grid: tuple[int, int]  # patch rows, patch columns
 
@@ -65,26 +65,24 @@ def probe_attention(head: AttentionPoolingHead, x: torch.Tensor) -> tuple[torch.
 
 
 def trace_image_tower(vision: VisionTransformer, pixels: torch.Tensor) -> Trace:
-    """VisionTransformer.forward(pixels), block by block as clip_path / siglip_path, keeping the probabilities."""
+    """VisionTransformer.forward(pixels) as clip_path / siglip_path, keeping the probabilities the maps need:
+    CLIP's in every block (rollout), SigLIP's in its head only (its blocks run as in the model, fused)."""
     p = vision.cfg.patch_size
     grid = (pixels.shape[-2] // p, pixels.shape[-1] // p)
     x = vision.embed_patches(pixels)
     positions = vision.position_embedding(*grid).to(x.dtype)
-    if vision.cfg.pool == "cls":
-        B, _, D = x.shape
-        x = vision.ln_pre(torch.cat([vision.class_token.expand(B, 1, D).to(x.dtype), x], dim=1) + positions)
-    else:
-        x = x + positions
+    if vision.cfg.pool != "cls":
+        embedding, probe = probe_attention(vision.head, vision.ln_post(vision.transformer(x + positions)))
+        return Trace(embedding, [], probe, grid)
+    B, _, D = x.shape
+    x = vision.ln_pre(torch.cat([vision.class_token.expand(B, 1, D).to(x.dtype), x], dim=1) + positions)
     blocks = []
     for block in vision.transformer.blocks:
         y, probs = self_attention(block.attn, block.ln1(x))
         x = x + y
         x = x + block.mlp(block.ln2(x))
         blocks.append(probs)
-    if vision.cfg.pool == "cls":
-        return Trace(vision.proj(vision.ln_post(x[:, 0])), blocks, None, grid)
-    embedding, probe = probe_attention(vision.head, vision.ln_post(x))
-    return Trace(embedding, blocks, probe, grid)
+    return Trace(vision.proj(vision.ln_post(x[:, 0])), blocks, None, grid)
 
 
 # ---------------------------------------------------------------------------------------------- maps
