@@ -22,7 +22,8 @@ from har_ref.__main__ import build_parser, main
 from har_ref.demo.synthetic import generate
 from har_ref.demo.tiny import CHECKPOINTS
 from har_ref.study.plan import PlanError, load_plan
-from har_ref.study.report import schedule
+from har_ref.study import report
+from har_ref.study.report import grid_cells, schedule, towers_x_loss
 from weights_conversion.hf import convert_hf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,6 +238,19 @@ def test_the_shipped_plan_checks_and_its_negatives_cells_see_the_same_images_in_
     assert {(c.resolved["accum_steps"] * 64, c.resolved["xbm_size"], c.resolved["loss"]) for c in grid} == {
         (b, m, loss) for b in (64, 256, 1024) for m in (0, 1024, 4096) for loss in ("clip", "siglip")}
     assert cells["clip-0-epochs"].resolved["epochs"] == 0 and cells["siglip"].resolved["model"] == "siglip"
+    # the towers x loss grid: its four cells, and each change compares the two cells that differ in it only
+    assert {key: c.name for key, c in grid_cells(plan).items()} == {
+        ("clip", "clip"): "clip", ("clip", "siglip"): "clip-towers-sigmoid-loss",
+        ("siglip", "siglip"): "siglip", ("siglip", "clip"): "siglip-towers-infonce-loss"}
+    (tmp_path / "predictions.csv").touch()
+    (tmp_path / "predictions_shift.csv").touch()
+    monkeypatch.setattr(report, "versus", lambda runs_a, runs_b, suffix: (runs_a["name"], runs_b["name"]))
+    changes = towers_x_loss(plan, {c.name: {0: tmp_path, "name": c.name} for c in plan.cells})
+    assert [(c["change"], c["id"]) for c in changes] == [
+        ("sigmoid - InfoNCE loss, CLIP towers", ("clip", "clip-towers-sigmoid-loss")),
+        ("sigmoid - InfoNCE loss, SigLIP towers", ("siglip-towers-infonce-loss", "siglip")),
+        ("SigLIP - CLIP towers, InfoNCE loss", ("clip", "siglip-towers-infonce-loss")),
+        ("SigLIP - CLIP towers, sigmoid loss", ("clip-towers-sigmoid-loss", "siglip"))]
 
 
 def test_the_shipped_plan_refuses_a_missing_checkpoint_in_one_sentence(tmp_path, monkeypatch, capsys):

@@ -9,6 +9,7 @@ McNemar's exact p on the discordant pairs pooled over the seed pairs.
 
 study.json:
     {"plan", "baseline", "wall_seconds" (this invocation of the study command), "controls": [controls()],
+     "towers_x_loss": [{"change", "a", "b", "id": as vs_baseline["id"], "shift": same}] (towers_x_loss()),
      "cells": [{"name", "kind", "options" (the cell's own options), "resolved" (every option of its runs),
                 "seeds", "missing" (seeds without a finished run),
                 "id": {"macro_f1": [per seed], "mean", "sd", "ci95", "per_class_f1": {class: mean}} | null,
@@ -134,7 +135,36 @@ def gather(plan: Plan, out: Path, wall_seconds: float) -> dict:
             entry["schedule"] = schedule(cell, runs)
         cells.append(entry)
     return {"plan": str(plan.path), "baseline": plan.baseline, "cells": cells, "controls": controls(plan, out),
-            "wall_seconds": round(wall_seconds, 1)}
+            "towers_x_loss": towers_x_loss(plan, finished), "wall_seconds": round(wall_seconds, 1)}
+
+
+def grid_cells(plan: Plan) -> dict[tuple[str, str], Cell]:
+    """The towers x loss grid: (towers, loss) -> the first cell that differs from the baseline in the
+    checkpoint and the loss only."""
+    baseline, grid = plan.cell(plan.baseline), {}
+    for cell in plan.cells:
+        if differs_only_in(cell, baseline, LOSS_KEYS + TOWER_KEYS):
+            grid.setdefault((cell.resolved["model"], cell.resolved["loss"]), cell)
+    return grid
+
+
+def towers_x_loss(plan: Plan, finished: dict[str, dict[int, Path]]) -> list[dict]:
+    """The grid's four one-factor changes, each b - a with the other factor held: the loss on each
+    family's towers, the towers under each loss. Empty unless all four cells exist."""
+    grid = grid_cells(plan)
+    if len(grid) < 4:
+        return []
+    changes = [(f"sigmoid - InfoNCE loss, {TOWER_NAMES[t]}", grid[(t, "clip")], grid[(t, "siglip")]) for t in TOWER_NAMES]
+    changes += [(f"SigLIP - CLIP towers, {LOSS_NAMES[loss]} loss", grid[("clip", loss)], grid[("siglip", loss)])
+                for loss in LOSS_NAMES]
+    found = []
+    for change, a, b in changes:
+        runs_a, runs_b = finished[a.name], finished[b.name]
+        found.append({"change": change, "a": a.name, "b": b.name, **{
+            split: versus(runs_a, runs_b, suffix) if runs_a and runs_b
+            and (next(iter(runs_a.values())) / f"predictions{suffix}.csv").is_file() else None
+            for split, suffix in SPLITS.items()}})
+    return found
 
 
 def controls(plan: Plan, out: Path) -> list[dict]:
@@ -196,10 +226,7 @@ def draw_pictures(plan: Plan, study: dict, out: Path) -> list[str]:
                                   "Macro-F1 (mean over seeds, 95% CI band)", log_x=True,
                                   colors={f"{LOSS_NAMES[k[0]]}, batch {k[1]}": shades[k] for k in order})
             drawn.append(name)
-    grid = {}
-    for cell in plan.cells:
-        if differs_only_in(cell, baseline, LOSS_KEYS + TOWER_KEYS) and entries[cell.name]["id"]:
-            grid.setdefault((cell.resolved["model"], cell.resolved["loss"]), entries[cell.name])
+    grid = {key: entries[cell.name] for key, cell in grid_cells(plan).items() if entries[cell.name]["id"]}
     splits = [s for s in SPLITS if all(e[s] for e in grid.values())]
     if len(grid) == 4:
         columns = [(split, loss) for split in splits for loss in LOSS_NAMES]
@@ -259,6 +286,13 @@ def markdown(plan: Plan, study: dict, pictures: list[str]) -> str:
             versus_reference = (e["vs_reference"] or {}).get(split)
             lines.append(f"| {e['name']} | {fmt_score(e[split])} | {fmt_difference(e['vs_baseline'][split])} | "
                          + (f"{e['reference']}: {fmt_difference(versus_reference)}" if e["reference"] else "-") + " |")
+    if study.get("towers_x_loss"):
+        lines += ["", "## Towers x loss: each change with the other held", "",
+                  "The grid's four cells compared in pairs that differ in one factor: b - a, macro-F1, 95% CI and "
+                  "McNemar p as above.", "", "| change | a | b | ID | shift |", "|---|---|---|---|---|"]
+        for c in study["towers_x_loss"]:
+            lines.append(f"| {c['change']} | {c['a']} | {c['b']} | {fmt_difference(c['id'])} | "
+                         f"{fmt_difference(c['shift'])} |")
     lines += ["", "## Training schedules: batch, memory, steps", "",
               "Per train cell: the contrastive batch (cached accumulation: the effective batch; independent: the "
               "micro-batch), the memory, images seen, the optimizer steps made and the step the memory joined "
