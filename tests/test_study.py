@@ -224,7 +224,7 @@ def test_the_shipped_plan_checks_and_its_negatives_cells_see_the_same_images_in_
         convert_hf(CHECKPOINTS / family, tmp_path / "runs" / "study" / "weights" / family)
     monkeypatch.chdir(tmp_path)  # the plan's paths are relative to the directory the study runs from
     plan = load_plan(CLAIMS)
-    assert len(plan.runs(tmp_path)) == 2 + 2 * 3 + 28 * 3
+    assert len(plan.runs(tmp_path)) == 2 + 2 * 3 + 29 * 3
     cells = {c.name: c for c in plan.cells}
     grid = [c for c in plan.cells if c.name.startswith(("infonce-", "sigmoid-"))] + [
         cells["clip"], cells["clip-towers-sigmoid-loss"]]
