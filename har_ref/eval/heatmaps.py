@@ -21,12 +21,17 @@ _BLUES = np.array(
 )
 
 
-def colormap(t: float) -> tuple[int, int, int]:
-    """Blues colour for t in [0, 1], linear between the anchors."""
-    pos = min(max(float(t), 0.0), 1.0) * (len(_BLUES) - 1)
-    i = min(int(pos), len(_BLUES) - 2)
-    rgb = _BLUES[i] + (pos - i) * (_BLUES[i + 1] - _BLUES[i])
+def _between_anchors(anchors: np.ndarray, t: float) -> tuple[int, int, int]:
+    """The colour at t in [0, 1] (clamped) of evenly spaced RGB anchors, linear between neighbours."""
+    pos = min(max(float(t), 0.0), 1.0) * (len(anchors) - 1)
+    i = min(int(pos), len(anchors) - 2)
+    rgb = anchors[i] + (pos - i) * (anchors[i + 1] - anchors[i])
     return tuple(int(round(c)) for c in rgb)
+
+
+def colormap(t: float) -> tuple[int, int, int]:
+    """Blues colour for t in [0, 1]."""
+    return _between_anchors(_BLUES, t)
 
 
 # matplotlib's "RdBu" anchors: red below the middle, white at it, blue above (blue is better, as in Blues).
@@ -37,11 +42,8 @@ _RED_BLUE = np.array(
 
 
 def diverging_colormap(t: float) -> tuple[int, int, int]:
-    """Red-white-blue colour for t in [0, 1], white at 0.5, linear between the anchors."""
-    pos = min(max(float(t), 0.0), 1.0) * (len(_RED_BLUE) - 1)
-    i = min(int(pos), len(_RED_BLUE) - 2)
-    rgb = _RED_BLUE[i] + (pos - i) * (_RED_BLUE[i + 1] - _RED_BLUE[i])
-    return tuple(int(round(c)) for c in rgb)
+    """Red-white-blue colour for t in [0, 1], white at 0.5."""
+    return _between_anchors(_RED_BLUE, t)
 
 
 def _luminance(rgb) -> float:

@@ -234,7 +234,7 @@ def resolve_cell(path: Path, cell: dict, base: dict, seeds: list[int]) -> Cell:
     for key, value in merged.items():
         arguments += arguments_for(origin[key], key, value, options[key])
     args = parse(arguments + ["--out", "OUT"], origin, options)
-    resolved = {k: v for k, v in vars(args).items() if k not in ("command", "out", "seed", "resume", "overwrite")}
+    resolved = {k: v for k, v in vars(args).items() if k not in ("command", *SET_BY_STUDY)}
     if kind == "train":
         config = train_config_from(args)
         try:

@@ -39,7 +39,7 @@ from ..eval.multi_seed import difference, predictions, score
 from ..eval.metrics import compute_metrics
 from ..eval.run_results import read_log
 from ..eval.xy_charts import plot_lines_with_bands
-from ..train.checkpoint import RESUMABLE_CHANGES
+from ..train.checkpoint import changed_values
 from .plan import Cell, Plan
 from .runner import finished
 
@@ -134,7 +134,8 @@ def gather(plan: Plan, out: Path, wall_seconds: float) -> dict:
         if cell.kind == "train":
             entry["schedule"] = schedule(cell, runs)
         cells.append(entry)
-    return {"plan": str(plan.path), "baseline": plan.baseline, "cells": cells, "controls": controls(plan, out),
+    controls_found = controls(plan, finished, {e["name"]: e for e in cells})
+    return {"plan": str(plan.path), "baseline": plan.baseline, "cells": cells, "controls": controls_found,
             "towers_x_loss": towers_x_loss(plan, finished), "wall_seconds": round(wall_seconds, 1)}
 
 
@@ -167,23 +168,25 @@ def towers_x_loss(plan: Plan, finished: dict[str, dict[int, Path]]) -> list[dict
     return found
 
 
-def controls(plan: Plan, out: Path) -> list[dict]:
+def controls(plan: Plan, finished: dict[str, dict[int, Path]], entries: dict[str, dict]) -> list[dict]:
     """The harness's two controls, each against the zero-shot cell of the same checkpoint: a 0-epoch run must
     predict exactly as zero-shot (predictions files equal byte for byte), and a run on shuffled labels must
     fall below zero-shot by more than the CI (the CI of shuffled - zero-shot below 0) and to chance: its
-    macro-F1's CI no higher than a uniform guess's 1/K (a guess that favours some classes scores lower)."""
+    macro-F1's CI (its study.json entry's, `entries`) no higher than a uniform guess's 1/K (a guess that
+    favours some classes scores lower)."""
     found = []
     for cell in plan.cells:
         if cell.kind != "train" or not (cell.resolved["epochs"] == 0 or cell.resolved["shuffle_labels"]):
             continue
         zero_shot = next((z for z in plan.cells if z.kind == "zero-shot"
                           and z.resolved["weights"] == cell.resolved["weights"]), None)
-        runs = finished_runs(cell, out)
-        reference = finished_runs(zero_shot, out) if zero_shot else {}
+        runs = finished[cell.name]
+        reference = finished[zero_shot.name] if zero_shot else {}
         entry = {"cell": cell.name, "zero_shot": zero_shot.name if zero_shot else None,
-                 "test": "equals zero-shot" if cell.resolved["epochs"] == 0 else "below zero-shot"}
+                 "test": "equals zero-shot" if cell.resolved["epochs"] == 0 else "below zero-shot, down to chance"}
         for split, suffix in SPLITS.items():
-            if not runs or not reference or not (next(iter(reference.values())) / f"predictions{suffix}.csv").is_file():
+            own = entries[cell.name][split]  # split_result: the cell's mean macro-F1 and its CI
+            if not own or not reference or not (next(iter(reference.values())) / f"predictions{suffix}.csv").is_file():
                 entry[split] = None
             elif cell.resolved["epochs"] == 0:
                 zs = (next(iter(reference.values())) / f"predictions{suffix}.csv").read_bytes()
@@ -191,10 +194,9 @@ def controls(plan: Plan, out: Path) -> list[dict]:
                 entry[split] = {"identical_runs": sum(same), "runs": len(same), "holds": all(same)}
             else:
                 d = versus(reference, runs, suffix)
-                own = score(list(runs.values()), suffix)
-                chance = 1 / len(predictions(list(runs.values()), suffix)[2])
+                chance = 1 / len(own["per_class_f1"])
                 below, at_chance = d["ci95"][1] < 0, own["ci95"][1] <= chance
-                entry[split] = {**d, "macro_f1_mean": own["macro_f1"], "macro_f1_ci95": own["ci95"],
+                entry[split] = {**d, "macro_f1_mean": own["mean"], "macro_f1_ci95": own["ci95"],
                                 "chance_macro_f1": chance, "below_zero_shot": below, "at_chance": at_chance,
                                 "holds": below and at_chance}
         found.append(entry)
@@ -205,7 +207,7 @@ def controls(plan: Plan, out: Path) -> list[dict]:
 
 def differs_only_in(cell: Cell, baseline: Cell, keys: tuple[str, ...]) -> bool:
     return cell.kind == "train" == baseline.kind and all(
-        cell.resolved[k] == baseline.resolved.get(k) for k in cell.resolved if k not in keys + tuple(RESUMABLE_CHANGES))
+        key in keys for key, _, _ in changed_values(baseline.resolved, cell.resolved))
 
 
 def draw_pictures(plan: Plan, study: dict, out: Path) -> list[str]:

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..train.checkpoint import RESUMABLE_CHANGES, changed_options
+from ..train.checkpoint import changed_options, changed_values
 from ..train.config import TrainConfig
 from ..train.faults import TrainingStopped
 from .plan import Cell, Plan, PlanError, Run
@@ -48,11 +48,9 @@ def check_recorded(plan: Plan, out: Path) -> None:
         recorded = out / cell.name / "cell.json"
         if recorded.is_file():
             then = json.loads(recorded.read_text())
-            changed = [k for k in sorted(set(then["resolved"]) | set(cell.resolved)) if k not in RESUMABLE_CHANGES
-                       and then["resolved"].get(k) != cell.resolved.get(k)]
+            changed = changed_values(then["resolved"], cell.resolved)
             if then["kind"] != cell.kind or changed:
-                key = changed[0] if changed else "kind"
-                was, now = (then["resolved"].get(key), cell.resolved.get(key)) if changed else (then["kind"], cell.kind)
+                key, was, now = changed[0] if changed else ("kind", then["kind"], cell.kind)
                 raise PlanError(f"{plan.path}: cell {cell.name!r}, key {key!r}: {out / cell.name} holds runs made with "
                                 f"{key} = {was!r}, the plan now says {now!r}; restore the value, or rename the cell "
                                 "(or pass another --out) to run it anew.")

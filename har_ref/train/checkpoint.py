@@ -189,8 +189,15 @@ def prepare_run_directory(out: Path, weights: Path, cfg: TrainConfig, resume: bo
 def changed_options(saved: TrainConfig, now: TrainConfig) -> list[tuple[str, object, object]]:
     """(option, value in the run, value now) for every option that changes what the run computes, in
     TrainConfig's order; an option older runs did not record is read as its default (TrainConfig.load)."""
-    there, here = asdict(saved), asdict(now)
-    return [(k, there[k], here[k]) for k in here if k not in RESUMABLE_CHANGES and there[k] != here[k]]
+    return changed_values(asdict(saved), asdict(now))
+
+
+def changed_values(there: dict, here: dict) -> list[tuple[str, object, object]]:
+    """(key, value there, value here) for every key of either dict outside RESUMABLE_CHANGES whose values
+    differ (a missing key reads as None), here's keys first, in their order."""
+    keys = [*here, *(k for k in there if k not in here)]
+    return [(k, there.get(k), here.get(k)) for k in keys
+            if k not in RESUMABLE_CHANGES and there.get(k) != here.get(k)]
 
 
 def auto_resume(out: Path, weights: Path, data: Path, cfg: TrainConfig) -> str:
