@@ -263,7 +263,7 @@ def run(args) -> None:
         if args.print_commands:
             return print_commands(plan, out)
         failures = [] if args.report_only else run_study(plan, out, args.jobs)
-        print(f"[study] wrote {write_report(plan, out, time.perf_counter() - start)}, {out / 'study.json'} and the "
+        print(f"[study] wrote {write_report(plan, out, start)}, {out / 'study.json'} and the "
               "pictures beside them")
         if failures:
             raise ValueError(f"{len(failures)} run(s) failed, first {failures[0]}; fix it and run the same command "

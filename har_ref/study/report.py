@@ -8,7 +8,8 @@ same draw for every seed pair (seed k against seed k; a single run, zero-shot, a
 McNemar's exact p on the discordant pairs pooled over the seed pairs.
 
 study.json:
-    {"plan", "baseline", "wall_seconds" (this invocation of the study command), "controls": [controls()],
+    {"plan", "baseline", "wall_seconds" (this invocation of the study command, from its start to the report's
+     numbers: the runs and the bootstraps, not the pictures), "controls": [controls()],
      "towers_x_loss": [{"change", "a", "b", "id": as vs_baseline["id"], "shift": same}] (towers_x_loss()),
      "cells": [{"name", "kind", "options" (the cell's own options), "resolved" (every option of its runs),
                 "seeds", "missing" (seeds without a finished run),
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -111,8 +113,8 @@ def schedule(cell: Cell, runs: dict[int, Path]) -> dict:
             "logit_bias_at_end": [log[-1]["logit_bias"] for log in logs if log and log[-1]["logit_bias"] is not None]}
 
 
-def gather(plan: Plan, out: Path, wall_seconds: float) -> dict:
-    """study.json's dict from the finished runs under OUT."""
+def gather(plan: Plan, out: Path, started: float) -> dict:
+    """study.json's dict from the finished runs under OUT; `started`: time.perf_counter() at the command's start."""
     finished = {cell.name: finished_runs(cell, out) for cell in plan.cells}
     baseline = finished[plan.baseline]
     cells = []
@@ -136,7 +138,8 @@ def gather(plan: Plan, out: Path, wall_seconds: float) -> dict:
         cells.append(entry)
     controls_found = controls(plan, finished, {e["name"]: e for e in cells})
     return {"plan": str(plan.path), "baseline": plan.baseline, "cells": cells, "controls": controls_found,
-            "towers_x_loss": towers_x_loss(plan, finished), "wall_seconds": round(wall_seconds, 1)}
+            "towers_x_loss": towers_x_loss(plan, finished),
+            "wall_seconds": round(time.perf_counter() - started, 1)}
 
 
 def grid_cells(plan: Plan) -> dict[tuple[str, str], Cell]:
@@ -343,14 +346,15 @@ def markdown(plan: Plan, study: dict, pictures: list[str]) -> str:
     missing = [(e["name"], s) for e in cells for s in e["missing"]]
     lines += ["", "## Missing runs", ""]
     lines += [f"- {name} seed {seed}" for name, seed in missing] or ["None: every cell has every seed."]
-    lines += ["", f"Wall time of this invocation: {study['wall_seconds']:.0f} s."]
+    lines += ["", f"Wall time of this invocation, to the report's numbers (the pictures not counted): "
+              f"{study['wall_seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
 
 
-def write_report(plan: Plan, out: Path, wall_seconds: float) -> Path:
+def write_report(plan: Plan, out: Path, started: float) -> Path:
     """DIR/study.json, DIR/report.md and the pictures; returns the report's path."""
     out.mkdir(parents=True, exist_ok=True)
-    study = gather(plan, out, wall_seconds)
+    study = gather(plan, out, started)
     (out / "study.json").write_text(json.dumps(study, indent=2) + "\n")
     pictures = draw_pictures(plan, study, out)
     (out / "report.md").write_text(markdown(plan, study, pictures))
