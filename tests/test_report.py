@@ -130,7 +130,7 @@ def test_report_numbers_equal_metrics_functions(two_runs):
 
 
 def test_report_shows_the_one_sided_fraction_and_ends_with_a_b_minus_a_verdict_per_metric(two_runs):
-    report, logits_a, logits_b, items = two_runs
+    report = two_runs[0]
     md, y, pred_a, pred_b, ma, mb = scored(two_runs)
     boot = paired_bootstrap(y, pred_b, pred_a, CLASSES, RESAMPLES, 0)  # CLIP - SigLIP, as the report computes it
     p = mcnemar_exact(y, pred_a, pred_b)["p_value"]
